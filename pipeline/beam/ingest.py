@@ -1,0 +1,337 @@
+"""The ingest Beam pipeline: input files -> samples, rejects, duplicates and input annotations.
+
+    plan_units (driver) -> ReadUnit -> Reshuffle -> ParseChunk -> GroupByKey(shard) -> WriteShard
+
+Work travels as chunks (thousands of raw records) and parsed rows travel as Arrow IPC batches
+keyed by output shard, so the per-element overhead of the runner is paid per chunk, not per row.
+Sharding by ``sample_id`` sends every copy of a sample to one shard, where exact duplicates are
+dropped deterministically (the copy with the smallest source URI and offset is kept and the
+others are written to ``duplicates/``). Shards are written into a staging folder; the caller
+(``run_ingest``) swaps them into the catalog only after the whole pipeline succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.metrics import Metrics
+
+import schemas
+from pipeline import __version__
+from pipeline.beam.runner import make_pipeline_options, run_pipeline
+from pipeline.io.catalog import SAMPLE_TABLE, Catalog, shard_name, table_from_rows, write_json_atomic, write_parquet_atomic
+from pipeline.io.records import ANNOTATION_TABLES, parse_chunk
+from pipeline.io.sample_id import shard_of
+from pipeline.io.sources import Chunk, ReadLimits, Unit, input_fingerprint, plan_units, read_chunks
+
+log = logging.getLogger(__name__)
+
+_LINEAGE_KEYS = ("_source_uri", "_source_offset")  # carried on annotation rows until dedup
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(blobs: Iterable[bytes]) -> pa.Table | None:
+    tables = [pa.ipc.open_stream(b).read_all() for b in blobs]
+    return pa.concat_tables(tables) if tables else None
+
+
+def _with_lineage(schema: pa.Schema) -> pa.Schema:
+    return schema.append(pa.field("_source_uri", pa.string())).append(pa.field("_source_offset", pa.int64()))
+
+
+class ReadUnit(beam.DoFn):
+    """Stream one input file as chunks of raw items (I/O and decompression only)."""
+
+    def __init__(self, limits: ReadLimits):
+        self.limits = limits
+        self.rows_in = Metrics.counter("ingest", "rows_in")
+
+    def process(self, unit: Unit) -> Iterator[Chunk]:
+        for chunk in read_chunks(unit, self.limits):
+            self.rows_in.inc(chunk.rows_in)
+            yield chunk
+
+
+class ParseChunk(beam.DoFn):
+    """Parse a chunk and emit (shard, (table, Arrow IPC bytes)) for every table it touches."""
+
+    def __init__(self, num_shards: int, limits: ReadLimits):
+        self.num_shards = num_shards
+        self.limits = limits
+
+    def process(self, chunk: Chunk) -> Iterator[tuple[int, tuple[str, bytes]]]:
+        parsed = parse_chunk(chunk, self.limits)
+        kind = chunk.unit.kind
+        by_shard: dict[tuple[int, str], list[dict]] = defaultdict(list)
+        for row in parsed.samples:
+            by_shard[(shard_of(row["sample_id"], self.num_shards), SAMPLE_TABLE[kind])].append(row)
+        lineage = {row["sample_id"]: (row["source_uri"], row["source_offset"]) for row in parsed.samples}
+        for table, rows in parsed.annotations.items():
+            for row in rows:
+                uri, offset = lineage[row["sample_id"]]
+                by_shard[(shard_of(row["sample_id"], self.num_shards), table)].append(
+                    {**row, "_source_uri": uri, "_source_offset": offset})
+        for rej in parsed.rejects:
+            # crc32, not hash(): string hashes differ between worker processes.
+            shard = zlib.crc32(f"{rej.source_uri}\0{rej.source_offset}".encode()) % self.num_shards
+            by_shard[(shard, "rejects")].append(rej.as_row())
+        for (shard, table), rows in by_shard.items():
+            schema = schemas.TABLES[table]
+            if table in ANNOTATION_TABLES:
+                schema = _with_lineage(schema)
+            yield shard, (table, _ipc(table_from_rows(rows, schema)))
+
+
+@dataclass
+class ShardStats:
+    samples: int = 0
+    duplicates: int = 0
+    rejects: int = 0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    annotations: dict[str, int] = field(default_factory=dict)
+
+
+class WriteShard(beam.DoFn):
+    """Deduplicate one shard by sample_id, then write each of its tables to the staging folder."""
+
+    def __init__(self, staging: str, num_shards: int, kind: str):
+        self.staging = staging
+        self.num_shards = num_shards
+        self.kind = kind
+
+    def process(self, element: tuple[int, Iterable[tuple[str, bytes]]]) -> Iterator[dict]:
+        shard, values = element
+        blobs: dict[str, list[bytes]] = defaultdict(list)
+        for table, blob in values:
+            blobs[table].append(blob)
+        stats = ShardStats()
+        name = shard_name(shard, self.num_shards)
+        sample_table = SAMPLE_TABLE[self.kind]
+        kept_lineage = None
+        samples = _from_ipc(blobs.pop(sample_table, []))
+        if samples is not None and samples.num_rows:
+            samples, dupes = _dedup(samples, self.kind)
+            stats.samples, stats.duplicates = samples.num_rows, dupes.num_rows
+            self._write(sample_table, samples, name)
+            if dupes.num_rows:
+                self._write("duplicates", dupes, name)
+            kept_lineage = samples.select(["sample_id", "source_uri", "source_offset"]).rename_columns(
+                ["sample_id", "_source_uri", "_source_offset"])
+        rejects = _from_ipc(blobs.pop("rejects", []))
+        if rejects is not None and rejects.num_rows:
+            rejects = rejects.sort_by([("source_uri", "ascending"), ("source_offset", "ascending"),
+                                       ("source_member", "ascending")])
+            stats.rejects = rejects.num_rows
+            stats.reject_reasons = dict(Counter(rejects.column("reason").to_pylist()))
+            self._write("rejects", rejects, name)
+        for table, parts in blobs.items():
+            ann = _from_ipc(parts)
+            if ann is None or kept_lineage is None:
+                continue
+            # Keep the annotation of the kept copy only, so annotations never outnumber samples.
+            ann = ann.join(kept_lineage, keys=["sample_id", "_source_uri", "_source_offset"], join_type="inner")
+            ann = ann.drop_columns(list(_LINEAGE_KEYS)).sort_by("sample_id")
+            stats.annotations[table] = ann.num_rows
+            self._write(table, ann, name)
+        write_json_atomic(asdict(stats), Path(self.staging) / "_stats" / f"{shard:05d}.json")
+        yield asdict(stats)
+
+    def _write(self, table: str, data: pa.Table, name: str) -> None:
+        write_parquet_atomic(data, Path(self.staging) / table / name, schemas.TABLES[table])
+
+
+def _dedup(samples: pa.Table, kind: str) -> tuple[pa.Table, pa.Table]:
+    order = samples.sort_by([("sample_id", "ascending"), ("source_uri", "ascending"),
+                             ("source_offset", "ascending"), ("source_member", "ascending")])
+    ids = order.column("sample_id")
+    # A row is a duplicate when its id equals the previous row's id (ids are sorted).
+    prev = pa.concat_arrays([pa.array([None], pa.string()), ids.combine_chunks()[:-1]])
+    is_dup = pc.fill_null(pc.equal(ids.combine_chunks(), prev), False)
+    kept = order.filter(pc.invert(is_dup))
+    dupes = order.filter(is_dup)
+    if not dupes.num_rows:
+        return kept, schemas.DUPLICATES.empty_table()
+    first = {sid: (uri, off) for sid, uri, off in zip(
+        kept.column("sample_id").to_pylist(), kept.column("source_uri").to_pylist(),
+        kept.column("source_offset").to_pylist())}
+    dupe_ids = dupes.column("sample_id").to_pylist()
+    dup_table = pa.table({
+        "kind": [kind] * dupes.num_rows,
+        "sample_id": dupe_ids,
+        "source_uri": dupes.column("source_uri"),
+        "source_offset": dupes.column("source_offset"),
+        "source_member": dupes.column("source_member"),
+        "kept_source_uri": [first[s][0] for s in dupe_ids],
+        "kept_source_offset": [first[s][1] for s in dupe_ids],
+    })
+    return kept, dup_table
+
+
+@dataclass
+class IngestResult:
+    run_id: str
+    dataset: str
+    kind: str
+    catalog: str
+    counts: dict[str, Any]
+    timings_s: dict[str, float]
+    skipped: bool = False
+
+    def summary(self) -> str:
+        c = self.counts
+        lines = [
+            f"dataset {self.dataset!r} ({self.kind}) in {self.catalog}" + (" — unchanged, skipped" if self.skipped else ""),
+            f"  rows in      {c['rows_in']:>10,}",
+            f"  samples      {c['samples']:>10,}",
+            f"  rejects      {c['rejects']:>10,}",
+            f"  duplicates   {c['duplicates']:>10,}",
+        ]
+        for reason, n in sorted(c.get("reject_reasons", {}).items(), key=lambda kv: -kv[1]):
+            lines.append(f"    {reason:<22}{n:>8,}")
+        return "\n".join(lines)
+
+
+def build_pipeline(p: beam.Pipeline, units: list[Unit], staging: Path, kind: str, num_shards: int,
+                   limits: ReadLimits) -> beam.PCollection:
+    return (
+        p
+        | "Units" >> beam.Create(units, reshuffle=False)
+        | "ReadUnit" >> beam.ParDo(ReadUnit(limits))
+        # Spread chunks of one big file across workers: parsing is where the time goes.
+        | "SpreadChunks" >> beam.Reshuffle()
+        | "ParseChunk" >> beam.ParDo(ParseChunk(num_shards, limits))
+        | "ByShard" >> beam.GroupByKey()
+        | "WriteShard" >> beam.ParDo(WriteShard(str(staging), num_shards, kind))
+    )
+
+
+def default_num_shards(units: list[Unit]) -> int:
+    # Deterministic from the inputs (so a re-run writes the same files): ~256 MB of input per
+    # shard, and at least 2 so that two workers can write in parallel.
+    total = sum(Path(u.uri).stat().st_size for u in units if Path(u.uri).is_file())
+    return max(2, -(-total // (256 << 20)))
+
+
+def run_ingest(
+    inputs: list[str],
+    catalog: str | Path,
+    dataset: str,
+    kind: str = "instruction",
+    container: str = "auto",
+    layout: str = "auto",
+    options: dict[str, Any] | None = None,
+    num_shards: int | None = None,
+    workers: int = 1,
+    beam_args: list[str] | None = None,
+    limits: ReadLimits = ReadLimits(),
+    force: bool = False,
+) -> IngestResult:
+    """Ingest ``inputs`` into ``catalog`` as dataset ``dataset``; idempotent and resumable.
+
+    A dataset whose inputs and parameters match the last completed ingest is skipped (unless
+    ``force``); otherwise its partitions are rebuilt and swapped in atomically.
+    """
+    _check_dataset_name(dataset)
+    cat = Catalog.at(catalog)
+    t0 = time.perf_counter()
+    units = plan_units(inputs, kind, container, layout, options)
+    if not units:
+        raise ValueError(f"no input files found under {inputs}")
+    shards = num_shards or default_num_shards(units)
+    params = {"kind": kind, "container": container, "layout": layout, "options": options or {},
+              "num_shards": shards, "limits": asdict(limits)}
+    fingerprint = input_fingerprint(units)
+    state = cat.read_state("ingest", dataset)
+    if not force and state and state.get("inputs") == fingerprint and state.get("parameters") == params:
+        cat.recover(dataset)
+        return IngestResult(state["run_id"], dataset, kind, str(cat.root), state["counts"], {}, skipped=True)
+
+    run_id = f"ingest-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    staging = cat.staging(run_id)
+    started = datetime.now(timezone.utc).isoformat()
+    plan_s = time.perf_counter() - t0
+    try:
+        opts = make_pipeline_options(workers, beam_args)
+        t1 = time.perf_counter()
+        with_result = run_pipeline(
+            lambda p: build_pipeline(p, units, staging, kind, shards, limits), opts)
+        beam_s = time.perf_counter() - t1
+        rows_in = _counter(with_result, "rows_in")
+        counts = _sum_stats(staging)
+        counts["rows_in"] = rows_in
+        accounted = counts["samples"] + counts["rejects"] + counts["duplicates"]
+        if rows_in is not None and rows_in != accounted:
+            raise RuntimeError(
+                f"ingest lost rows: {rows_in} in, but {counts['samples']} samples + {counts['rejects']} rejects"
+                f" + {counts['duplicates']} duplicates = {accounted}; nothing was committed")
+        if rows_in is None:  # a runner without metrics support: trust the shard totals
+            counts["rows_in"] = accounted
+        staged = {t: staging / t for t in schemas.TABLES if (staging / t).is_dir()}
+        t2 = time.perf_counter()
+        cat.commit_partitions(staged, dataset)
+        commit_s = time.perf_counter() - t2
+    finally:
+        cat.clean_staging(run_id)
+    timings = {"plan": round(plan_s, 3), "beam": round(beam_s, 3), "commit": round(commit_s, 3),
+               "total": round(time.perf_counter() - t0, 3)}
+    entry = {
+        "run_id": run_id, "stage": "ingest", "dataset": dataset, "started_at": started,
+        "finished_at": datetime.now(timezone.utc).isoformat(), "code_version": __version__,
+        "parameters": {**params, "workers": workers, "beam_args": beam_args or []},
+        "inputs": fingerprint, "counts": counts, "timings_s": timings, "status": "succeeded",
+    }
+    cat.write_ledger(entry)
+    cat.write_state("ingest", dataset, {"run_id": run_id, "inputs": fingerprint, "parameters": params,
+                                        "counts": counts})
+    return IngestResult(run_id, dataset, kind, str(cat.root), counts, timings)
+
+
+def _check_dataset_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
+        raise ValueError(f"dataset name {name!r} must be 1-128 letters, digits, '_', '.' or '-'"
+                         " (it becomes a folder name)")
+
+
+def _counter(result: Any, name: str) -> int | None:
+    try:
+        found = result.metrics().query(beam.metrics.MetricsFilter().with_name(name))["counters"]
+    except Exception:  # noqa: BLE001 - some runners do not report metrics
+        return None
+    if not found:
+        return None
+    return sum(c.committed if c.committed is not None else c.attempted for c in found)
+
+
+def _sum_stats(staging: Path) -> dict[str, Any]:
+    counts: dict[str, Any] = {"samples": 0, "duplicates": 0, "rejects": 0, "reject_reasons": Counter(),
+                              "annotations": Counter()}
+    for path in sorted((staging / "_stats").glob("*.json")):
+        s = json.loads(path.read_text())
+        counts["samples"] += s["samples"]
+        counts["duplicates"] += s["duplicates"]
+        counts["rejects"] += s["rejects"]
+        counts["reject_reasons"].update(s["reject_reasons"])
+        counts["annotations"].update(s["annotations"])
+    counts["reject_reasons"] = dict(counts["reject_reasons"])
+    counts["annotations"] = dict(counts["annotations"])
+    return counts

@@ -1,0 +1,2 @@
+-- Concept annotations of image-text samples (one row per sample and annotator).
+SELECT * FROM read_parquet(getvariable('thresher_root') || '/annotations/*_concepts/*/*.parquet', hive_partitioning = true, union_by_name = true)
