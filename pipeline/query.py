@@ -84,7 +84,12 @@ def resolve(sql_or_name: str) -> str:
 def run_query(catalog: str | Path, sql_or_name: str, params: list | None = None) -> pa.Table:
     con = connect(catalog)
     try:
-        return con.execute(resolve(sql_or_name), params or []).fetch_arrow_table()
+        relation = con.sql(resolve(sql_or_name), params=params or None)
+        if relation is None:  # a statement without a result (SET, CREATE ...)
+            return pa.table({})
+        # DuckDB 2 renamed fetch_arrow_table to to_arrow_table; support both.
+        fetch = getattr(relation, "to_arrow_table", None) or relation.fetch_arrow_table
+        return fetch()
     finally:
         con.close()
 

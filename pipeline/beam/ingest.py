@@ -133,8 +133,9 @@ class WriteShard(beam.DoFn):
             self._write(sample_table, samples, name)
             if dupes.num_rows:
                 self._write("duplicates", dupes, name)
-            kept_lineage = samples.select(["sample_id", "source_uri", "source_offset"]).rename_columns(
-                ["sample_id", "_source_uri", "_source_offset"])
+            kept_lineage = set(zip(samples.column("sample_id").to_pylist(),
+                                   samples.column("source_uri").to_pylist(),
+                                   samples.column("source_offset").to_pylist()))
         rejects = _from_ipc(blobs.pop("rejects", []))
         if rejects is not None and rejects.num_rows:
             rejects = rejects.sort_by([("source_uri", "ascending"), ("source_offset", "ascending"),
@@ -147,8 +148,10 @@ class WriteShard(beam.DoFn):
             if ann is None or kept_lineage is None:
                 continue
             # Keep the annotation of the kept copy only, so annotations never outnumber samples.
-            ann = ann.join(kept_lineage, keys=["sample_id", "_source_uri", "_source_offset"], join_type="inner")
-            ann = ann.drop_columns(list(_LINEAGE_KEYS)).sort_by("sample_id")
+            mask = [key in kept_lineage for key in zip(ann.column("sample_id").to_pylist(),
+                                                        ann.column("_source_uri").to_pylist(),
+                                                        ann.column("_source_offset").to_pylist())]
+            ann = ann.filter(pa.array(mask, pa.bool_())).drop_columns(list(_LINEAGE_KEYS)).sort_by("sample_id")
             stats.annotations[table] = ann.num_rows
             self._write(table, ann, name)
         write_json_atomic(asdict(stats), Path(self.staging) / "_stats" / f"{shard:05d}.json")

@@ -115,10 +115,10 @@ def plan_units(
             for unit in image_sources.plan_image_units(path, container, opts):
                 units.setdefault(unit.uri, unit)
             continue
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        # In a folder only data files count (READMEs and licences beside them are not records);
+        # a file named explicitly is always read, and rejected if it holds no records.
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_data_file(p)) if path.is_dir() else [path]
         for f in files:
-            if f.name.startswith("."):
-                continue
             cont = container if container != "auto" else (
                 sniff_instruction_container(f) if f.stat().st_size else "jsonl"
             )
@@ -126,6 +126,13 @@ def plan_units(
                 raise ValueError(f"unknown container {cont!r} for instructions; choose auto or one of {INSTRUCTION_CONTAINERS}")
             units.setdefault(str(f), Unit(str(f), kind, cont, layout, opts))
     return [units[k] for k in sorted(units)]
+
+
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+
+
+def _is_data_file(path: Path) -> bool:
+    return not path.name.startswith(".") and _strip_gz(path.name.lower()).endswith(DATA_SUFFIXES)
 
 
 def read_chunks(unit: Unit, limits: ReadLimits = ReadLimits()) -> Iterator[Chunk]:
@@ -161,18 +168,29 @@ def _file_reject(unit: Unit, reason: str, detail: str, offset: int = -1) -> Reje
 
 
 def _jsonl_chunks(unit: Unit, path: Path, limits: ReadLimits) -> Iterator[Chunk]:
-    chunk, nbytes = Chunk(unit), 0
+    chunk, nbytes, offset = Chunk(unit), 0, 0
     with _open_binary(path) as f:
-        for offset, line in enumerate(f):
+        lines = iter(f)
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                break
+            except (OSError, EOFError) as exc:
+                # A truncated or corrupt gzip stream: keep every line read so far, reject the rest.
+                chunk.rejects.append(Reject(unit.kind, unit.uri, offset, None, "unreadable_file",
+                                            f"reading stopped at line {offset}: {type(exc).__name__}: {exc}"))
+                break
             if len(line) > limits.max_record_bytes:
                 chunk.rejects.append(
                     Reject(unit.kind, unit.uri, offset, None, "oversized_record",
                            f"line is {len(line)} bytes, over the {limits.max_record_bytes}-byte limit",
                            Reject.excerpt(line))
                 )
-                continue
-            chunk.items.append(RawItem(offset, line))
-            nbytes += len(line)
+            else:
+                chunk.items.append(RawItem(offset, line))
+                nbytes += len(line)
+            offset += 1
             if len(chunk.items) >= limits.chunk_items or nbytes >= limits.chunk_bytes:
                 yield chunk
                 chunk, nbytes = Chunk(unit), 0
