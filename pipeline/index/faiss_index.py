@@ -52,7 +52,6 @@ IVF_FLAT_MAX_N = 2_000_000  # above this raw float32 storage dominates: compress
 IVF_FLAT_MAX_BYTES = 4 * 1024**3  # ... or when raw vectors alone would pass 4 GiB
 NLIST_PER_SQRT_N = 4  # nlist ~ 4 * sqrt(N), the usual FAISS guideline
 TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39 training points per centroid
-MIN_TRAIN_SAMPLE = 20_000
 NPROBE_FRACTION = 1 / 64  # nprobe ~ nlist / 64, i.e. ~1.6% of the lists scanned per query
 MIN_NPROBE = 8
 
@@ -160,7 +159,7 @@ def choose_spec(n: int, d: int, *, metric: Metric = "ip", seed: int = 0) -> Inde
     * beyond: ``ivf_pq`` with ``pq_m`` = largest divisor of d <= d/8 (~d/8 bytes per vector).
 
     IVF uses ``nlist = round(4 * sqrt(n))``, ``nprobe = max(8, nlist // 64)`` and trains on
-    ``40 * nlist`` vectors (at least 20k, at most n).
+    ``40 * nlist`` vectors (at most n).
     """
     if n < 1 or d < 1:
         raise ValueError(f"choose_spec needs n >= 1 and d >= 1, got n={n}, d={d}")
@@ -168,7 +167,7 @@ def choose_spec(n: int, d: int, *, metric: Metric = "ip", seed: int = 0) -> Inde
         return IndexSpec(kind="flat", metric=metric, seed=seed)
     nlist = max(1, round(NLIST_PER_SQRT_N * math.sqrt(n)))
     nprobe = min(nlist, max(MIN_NPROBE, int(nlist * NPROBE_FRACTION)))
-    train_sample = min(n, max(MIN_TRAIN_SAMPLE, TRAIN_POINTS_PER_LIST * nlist))
+    train_sample = min(n, TRAIN_POINTS_PER_LIST * nlist)
     raw_bytes = n * d * 4
     kind: IndexKind = "ivf_flat" if n <= IVF_FLAT_MAX_N and raw_bytes <= IVF_FLAT_MAX_BYTES else "ivf_pq"
     return IndexSpec(
