@@ -1,0 +1,59 @@
+"""Prefect flows run in-process against a temporary Prefect API."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.demo import demo_specs, run_demo
+from flows.ingest import IngestSpec, ingest_flow, ingest_task
+from pipeline import query
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    # The first start migrates a SQLite database; give it time on a small machine.
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_ingest_flow_runs_each_dataset_as_a_retried_task(tmp_path, demo_data):
+    assert ingest_task.retries == 2
+    specs = [
+        IngestSpec("gsm", [str(demo_data / "instructions" / "gsm8k_train.jsonl.gz")]),
+        IngestSpec("chat", [str(demo_data / "instructions" / "sharegpt_dummy_conversations.json.gz")],
+                   layout="sharegpt"),
+    ]
+    results = ingest_flow(specs, str(tmp_path / "cat"))
+    assert [r["dataset"] for r in results] == ["gsm", "chat"]
+    assert results[0]["counts"]["samples"] == 150
+    chat = results[1]["counts"]
+    assert chat["rows_in"] == 40 and chat["samples"] + chat["duplicates"] == 40
+    again = ingest_flow(specs, str(tmp_path / "cat"))
+    assert all(r["skipped"] for r in again)
+
+
+def test_task_failure_is_retried_then_reported(tmp_path, monkeypatch):
+    import flows.ingest as fi
+
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        raise OSError("transient storage error")
+
+    monkeypatch.setattr(fi, "run_ingest", flaky)
+    monkeypatch.setattr(fi.ingest_task, "retry_delay_seconds", 0)
+    with pytest.raises(OSError, match="transient"):
+        fi.ingest_flow([IngestSpec("x", [str(tmp_path)])], str(tmp_path / "cat"))
+    assert len(calls) == 3  # first try + 2 retries
+
+
+def test_demo_curates_the_shipped_data(tmp_path, capsys):
+    assert run_demo(str(tmp_path / "demo")) == 0
+    out = capsys.readouterr().out
+    assert "Thresher demo" in out and "demo_instructions" in out
+    acc = query.run_query(tmp_path / "demo", "ingest_accounting").to_pylist()
+    assert {r["dataset"] for r in acc} == {s.dataset for s in demo_specs()}
+    assert all(r["balanced"] for r in acc)
