@@ -137,7 +137,23 @@ def check_image(data: bytes, limits: ReadLimits) -> tuple[str, int, int]:
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
         # PIL reports truncated and broken streams through all of these, depending on the codec.
         raise RecordRejected("corrupt_image", f"image does not decode: {type(exc).__name__}: {exc}") from None
+    missing_end = _missing_end_marker(data, image_format)
+    if missing_end:
+        raise RecordRejected("corrupt_image", missing_end)
     return image_format, width, height
+
+
+def _missing_end_marker(data: bytes, image_format: str) -> str | None:
+    """PIL stops reading once it has every pixel, so a PNG or JPEG cut just after its pixel data
+    (the zlib checksum, the IEND chunk, the JPEG EOI marker) decodes without complaint; such a
+    file was still cut short in transit and is rejected like any truncated file."""
+    if image_format == "PNG":
+        end = data.rfind(b"IEND")
+        if end < 4 or len(data) < end + 8:
+            return "PNG ends without its IEND chunk: the file is truncated"
+    elif image_format in ("JPEG", "MPO") and data.rfind(b"\xff\xd9") < 2:
+        return "JPEG ends without its end-of-image marker: the file is truncated"
+    return None
 
 
 # ---------------------------------------------------------------- caption and sidecar

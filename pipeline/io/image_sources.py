@@ -17,6 +17,12 @@ Offsets (``RawItem.offset`` and the reject's ``source_offset``), per container:
 
 ``-1`` marks a reject that belongs to no single item (a whole file, a sidecar row naming a file
 that is not there).
+
+What counts as an input item: every image file of a folder (by extension) and every sidecar row;
+every sample key of a tar (members sharing folder + basename up to the first dot) and every
+member that may not be read; every Parquet row; every (row, image) pair of an NLVR file, or the
+row itself when it has no image. Loose non-image files in a folder (a README, an orphan ``.txt``)
+are not inputs: nothing tells a stray caption from documentation.
 """
 
 from __future__ import annotations
