@@ -149,7 +149,9 @@ def test_image_folder_captions_from_sidecars_txt_and_dataconcept_json(tmp_path):
     (root / "b.txt").write_text("a green rectangle\n", encoding="utf-8")
     (root / "sub" / "c.jpg").write_bytes(jpeg("blue"))
     (root / "sub" / "captions.jsonl").write_text(
-        json.dumps({"file_name": "c.jpg", "text": "a blue square", "photographer": "me", "views": 3}) + "\n")
+        json.dumps({"file_name": "c.jpg", "text": "a blue square", "photographer": "me", "views": 3}) + "\n"
+        + json.dumps({"file_name": "../a.jpg", "text": "reaching out of its folder"}) + "\n"
+        + json.dumps({"file_name": "gone.png", "text": "not there"}) + "\n")
     (root / "d.jpg").write_bytes(jpeg("white"))
     (root / "d.txt").write_text("three dogs and a ball")
     (root / "d.json").write_text(json.dumps({**DC_DOGS, "source": "datacomp"}))
@@ -168,6 +170,8 @@ def test_image_folder_captions_from_sidecars_txt_and_dataconcept_json(tmp_path):
     assert {m: s["source_offset"] for m, s in by.items()} == {"a.jpg": 0, "b.png": 1, "d.jpg": 2, "sub/c.jpg": 4}
     assert out.reject_for("e.jpg") == "missing_caption"
     assert out.reject_for("ghost.jpg") == "missing_image"
+    assert out.reject_for("sub/gone.png") == "missing_image"
+    assert out.reject_for("sub/captions.jsonl") == "unsafe_path"
     assert [r.source_offset for r in out.rejects if r.source_member == "e.jpg"] == [3]
 
     a = by["a.jpg"]
@@ -182,9 +186,9 @@ def test_image_folder_captions_from_sidecars_txt_and_dataconcept_json(tmp_path):
 
     assert len(out.concepts) == 1
     assert_dog_concepts(out.concepts[0], by["d.jpg"]["sample_id"])
-    # Accounting: 5 images + 1 sidecar row naming a missing file = 6 inputs.
-    assert len(out.samples) + len(out.rejects) == 6
-    assert out.items == 5 and out.read_rejects == 1
+    # Accounting: 5 images + 3 sidecar rows that name no usable image = 8 inputs.
+    assert len(out.samples) + len(out.rejects) == 8
+    assert out.items == 5 and out.read_rejects == 3
 
 
 def test_caption_from_dirname_and_none(tmp_path):

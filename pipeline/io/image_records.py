@@ -20,6 +20,7 @@ from typing import Any
 
 from PIL import Image, ImageFile
 
+from pipeline.io.image_sources import DATACONCEPT_FIELDS
 from pipeline.io.instruction_formats import metadata_json
 from pipeline.io.rejects import RecordRejected
 from pipeline.io.sample_id import image_text_id
@@ -46,9 +47,10 @@ def parse_image_item(unit: Unit, item: RawItem, limits: ReadLimits) -> tuple[dic
     payload = item.payload
     if not isinstance(payload, dict):
         raise RecordRejected("unknown_layout", f"image-text payload must be a dict, got {type(payload).__name__}")
-    data = _image_bytes(payload, limits)
+    # Cheap checks first: an item without a usable caption is refused before its image is read.
     sidecar = _sidecar_json(payload, limits)
     caption = _caption(payload, sidecar, unit.option("caption_from", "auto"), limits)
+    data = _image_bytes(payload, limits)
     image_format, width, height = check_image(data, limits)
 
     digest = hashlib.sha256(data).hexdigest()
@@ -56,9 +58,9 @@ def parse_image_item(unit: Unit, item: RawItem, limits: ReadLimits) -> tuple[dic
     metadata = dict(payload.get("metadata") or {})
     dataconcept = dict(payload.get("dataconcept") or {})
     if sidecar is not None:
-        dataconcept.update({k: sidecar[k] for k in ("classes", "scores", "bounding_boxes", "tags") if sidecar.get(k) is not None})
+        dataconcept.update({k: sidecar[k] for k in DATACONCEPT_FIELDS if sidecar.get(k) is not None})
         metadata.update({k: v for k, v in sidecar.items()
-                         if k not in ("classes", "scores", "bounding_boxes", "tags", "caption", "text") and k not in metadata})
+                         if k not in DATACONCEPT_FIELDS and k not in ("caption", "text") and k not in metadata})
     sample = {
         "sample_id": sid,
         "caption": caption,

@@ -319,6 +319,11 @@ def _load_sidecars(unit: Unit, root: Path, folder: Path, names: set[str]) -> tup
                                        member=sidecar.relative_to(root).as_posix(), raw=json.dumps(rec, default=str)))
                 continue
             rel = os.path.normpath(rec[fkey].strip().replace("\\", "/"))
+            if rel.startswith(("/", "..")) or re.match(r"^[A-Za-z]:", rel):
+                rejects.append(_reject(unit, "unsafe_path", f"caption sidecar row {lineno} names {rec[fkey]!r}, outside "
+                                       "the sidecar's folder; name images relative to it",
+                                       member=sidecar.relative_to(root).as_posix(), raw=json.dumps(rec, default=str)))
+                continue
             caption = rec.get(ckey) if ckey else None
             meta = {k: v for k, v in rec.items()
                     if k not in (fkey, ckey) and k not in DATACONCEPT_FIELDS and _is_scalar(v)}
@@ -390,12 +395,12 @@ def _folder_chunks(unit: Unit, root: Path, limits: ReadLimits) -> Iterator[Chunk
     for folder, tables in sidecars.items():
         for table in tables:
             for key, entry in table.items():
-                target = Path(os.path.normpath(folder / key))
+                target = folder / key
                 if (folder, key) not in consumed and target not in files:
                     batch.reject(_reject(unit, "missing_image",
                                          f"a caption sidecar in {folder.relative_to(root).as_posix() or '.'} names "
                                          f"{key}, which is not an image file in the folder",
-                                         member=key, raw=entry.caption))
+                                         member=target.relative_to(root).as_posix(), raw=entry.caption))
     done = batch.flush()
     if done:
         yield done
