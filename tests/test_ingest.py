@@ -203,13 +203,13 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_lost_rows_are_detected_and_nothing_is_committed(messy, tmp_path, monkeypatch):
-    original = ingest_mod.ParseChunk.process
+    original = ingest_mod.ReadAndParse.parse
 
     def lossy(self, chunk):
         chunk.items = chunk.items[1:]  # silently drop a row: the accounting must notice
         yield from original(self, chunk)
 
-    monkeypatch.setattr(ingest_mod.ParseChunk, "process", lossy)
+    monkeypatch.setattr(ingest_mod.ReadAndParse, "parse", lossy)
     cat = Catalog.at(tmp_path / "cat")
     with pytest.raises(RuntimeError, match="ingest lost rows"):
         run_ingest([str(messy)], cat.root, "d")
@@ -234,6 +234,23 @@ def test_bad_arguments_fail_clearly(tmp_path):
         run_ingest([str(tmp_path / "a.jsonl")], tmp_path / "cat", "../escape")
     with pytest.raises(ValueError, match="unknown container"):
         run_ingest([str(tmp_path / "a.jsonl")], tmp_path / "cat", "d", container="csv")
+
+
+def test_large_files_are_split_into_ranges_without_losing_lines(tmp_path):
+    from pipeline.io.sources import plan_units, read_chunks, split_unit
+
+    recs = [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(1001)]
+    data = _lines(recs)[:-1]  # no newline after the last line
+    (tmp_path / "big.jsonl.gz").write_bytes(gzip.compress(data))
+    unit, = plan_units([str(tmp_path / "big.jsonl.gz")], "instruction")
+    ranges = split_unit(unit, 4)
+    assert [(r.start, r.stop) for r in ranges] == [(0, 251), (251, 502), (502, 753), (753, None)]
+    offsets = [it.offset for r in ranges for c in read_chunks(r) for it in c.items]
+    assert offsets == list(range(1001))
+    cat = Catalog.at(tmp_path / "cat")
+    from pipeline.beam.ingest import build_pipeline  # noqa: F401  (the job uses the same split)
+    r = run_ingest([str(tmp_path / "big.jsonl.gz")], cat.root, "d", workers=2)
+    assert r.counts["samples"] == 1001 and r.counts["rows_in"] == 1001
 
 
 def test_truncated_gzip_keeps_what_was_read_and_rejects_the_rest(tmp_path):

@@ -1,9 +1,9 @@
 """The ingest Beam pipeline: input files -> samples, rejects, duplicates and input annotations.
 
-    plan_units (driver) -> ReadUnit -> Reshuffle -> ParseChunk -> GroupByKey(shard) -> WriteShard
+    plan_units (driver) -> SplitUnit -> Reshuffle -> ReadAndParse -> GroupByKey(shard) -> WriteShard
 
-Work travels as chunks (thousands of raw records) and parsed rows travel as Arrow IPC batches
-keyed by output shard, so the per-element overhead of the runner is paid per chunk, not per row.
+Work travels as file ranges (thousands of records each) and parsed rows travel as Arrow IPC
+batches keyed by output shard, so the runner's per-element overhead is paid per range, not per row.
 Sharding by ``sample_id`` sends every copy of a sample to one shard, where exact duplicates are
 dropped deterministically (the copy with the smallest source URI and offset is kept and the
 others are written to ``duplicates/``). Shards are written into a staging folder; the caller
@@ -34,7 +34,7 @@ from pipeline.beam.runner import make_pipeline_options, run_pipeline
 from pipeline.io.catalog import SAMPLE_TABLE, Catalog, shard_name, table_from_rows, write_json_atomic, write_parquet_atomic
 from pipeline.io.records import ANNOTATION_TABLES, parse_chunk
 from pipeline.io.sample_id import shard_of
-from pipeline.io.sources import Chunk, ReadLimits, Unit, input_fingerprint, plan_units, read_chunks
+from pipeline.io.sources import Chunk, ReadLimits, Unit, input_fingerprint, plan_units, read_chunks, split_unit
 
 log = logging.getLogger(__name__)
 
@@ -57,27 +57,42 @@ def _with_lineage(schema: pa.Schema) -> pa.Schema:
     return schema.append(pa.field("_source_uri", pa.string())).append(pa.field("_source_offset", pa.int64()))
 
 
-class ReadUnit(beam.DoFn):
-    """Stream one input file as chunks of raw items (I/O and decompression only)."""
+class SplitUnit(beam.DoFn):
+    """Cut a large line-oriented file into one range per worker so all of them parse it.
 
-    def __init__(self, limits: ReadLimits):
-        self.limits = limits
-        self.rows_in = Metrics.counter("ingest", "rows_in")
+    Exactly ``ranges`` pieces, not more: a gzip stream cannot seek, so every range re-reads the
+    file up to its start, and few ranges keep that repeated decompression small.
+    """
 
-    def process(self, unit: Unit) -> Iterator[Chunk]:
-        for chunk in read_chunks(unit, self.limits):
-            self.rows_in.inc(chunk.rows_in)
-            yield chunk
+    def __init__(self, ranges: int, min_items: int = 4096):
+        self.ranges = ranges
+        self.min_items = min_items
+
+    def process(self, unit: Unit) -> Iterator[Unit]:
+        if self.ranges <= 1:
+            yield unit
+            return
+        yield from split_unit(unit, self.ranges, self.min_items)
 
 
-class ParseChunk(beam.DoFn):
-    """Parse a chunk and emit (shard, (table, Arrow IPC bytes)) for every table it touches."""
+class ReadAndParse(beam.DoFn):
+    """Read one unit (or range), parse it, and emit (shard, (table, Arrow IPC bytes)).
+
+    Reading and parsing are fused so that raw records never cross a shuffle: only compact Arrow
+    batches of parsed rows travel to the shard writers.
+    """
 
     def __init__(self, num_shards: int, limits: ReadLimits):
         self.num_shards = num_shards
         self.limits = limits
+        self.rows_in = Metrics.counter("ingest", "rows_in")
 
-    def process(self, chunk: Chunk) -> Iterator[tuple[int, tuple[str, bytes]]]:
+    def process(self, unit: Unit) -> Iterator[tuple[int, tuple[str, bytes]]]:
+        for chunk in read_chunks(unit, self.limits):
+            self.rows_in.inc(chunk.rows_in)
+            yield from self.parse(chunk)
+
+    def parse(self, chunk: Chunk) -> Iterator[tuple[int, tuple[str, bytes]]]:
         parsed = parse_chunk(chunk, self.limits)
         kind = chunk.unit.kind
         by_shard: dict[tuple[int, str], list[dict]] = defaultdict(list)
@@ -213,14 +228,14 @@ class IngestResult:
 
 
 def build_pipeline(p: beam.Pipeline, units: list[Unit], staging: Path, kind: str, num_shards: int,
-                   limits: ReadLimits) -> beam.PCollection:
+                   limits: ReadLimits, ranges_per_file: int = 1) -> beam.PCollection:
     return (
         p
         | "Units" >> beam.Create(units, reshuffle=False)
-        | "ReadUnit" >> beam.ParDo(ReadUnit(limits))
-        # Spread chunks of one big file across workers: parsing is where the time goes.
-        | "SpreadChunks" >> beam.Reshuffle()
-        | "ParseChunk" >> beam.ParDo(ParseChunk(num_shards, limits))
+        | "SplitUnit" >> beam.ParDo(SplitUnit(ranges_per_file))
+        # Spread the (tiny) range descriptors across workers; the data itself never shuffles here.
+        | "SpreadRanges" >> beam.Reshuffle()
+        | "ReadAndParse" >> beam.ParDo(ReadAndParse(num_shards, limits))
         | "ByShard" >> beam.GroupByKey()
         | "WriteShard" >> beam.ParDo(WriteShard(str(staging), num_shards, kind))
     )
@@ -275,7 +290,7 @@ def run_ingest(
         opts = make_pipeline_options(workers, beam_args)
         t1 = time.perf_counter()
         with_result = run_pipeline(
-            lambda p: build_pipeline(p, units, staging, kind, shards, limits), opts)
+            lambda p: build_pipeline(p, units, staging, kind, shards, limits, ranges_per_file=workers), opts)
         beam_s = time.perf_counter() - t1
         rows_in = _counter(with_result, "rows_in")
         counts = _sum_stats(staging)

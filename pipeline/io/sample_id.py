@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import unicodedata
 
 
@@ -13,9 +12,13 @@ def _canonical_text(text: str) -> str:
 
 
 def conversation_id(messages: list[dict[str, str]]) -> str:
-    canonical = [[m["role"], _canonical_text(m["content"])] for m in messages]
-    payload = json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return hashlib.blake2b(payload, digest_size=16, person=b"thresher-conv").hexdigest()
+    h = hashlib.blake2b(digest_size=16, person=b"thresher-conv")
+    for m in messages:
+        text = _canonical_text(m["content"]).encode("utf-8")
+        # Length-prefixed fields make the encoding unambiguous without JSON's cost.
+        h.update(b"%s\x1f%d\x1f" % (m["role"].encode("utf-8"), len(text)))
+        h.update(text)
+    return h.hexdigest()
 
 
 def image_text_id(image_sha256: str, caption: str) -> str:
