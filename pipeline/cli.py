@@ -19,6 +19,8 @@ DEFAULT_CATALOG = os.environ.get("THRESHER_CATALOG", "catalog")
 def _quiet_logs() -> None:
     # Beam logs every worker start at INFO; users want the summary, not the harness chatter.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Beam warns at import that optional Google Cloud clients are missing; irrelevant offline.
+    logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
     for name in ("apache_beam", "root"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -99,6 +101,9 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.settings import configure_local_prefect
+
+    configure_local_prefect()  # before Prefect is imported: it reads its settings once
     from flows.demo import run_demo
 
     return run_demo(args.catalog, workers=args.workers, force=args.force)
