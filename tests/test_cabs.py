@@ -174,15 +174,23 @@ def _dm_cases() -> list[tuple[int, list[list[int]], int]]:
     return cases
 
 
-@pytest.mark.parametrize("engine", ["default", "blocks", "singles"])
+ENGINES = {
+    # force each re-scoring path of the lazy greedy
+    "default": {},
+    "blocks": {"_SINGLE_MAX": 0, "_BLOCK_MAX": 3, "_REBUILD_FRACTION": None},  # tiny numpy blocks only
+    "singles": {"_SINGLE_MAX": 10**9, "_BLOCK_MAX": 10**9, "_REBUILD_FRACTION": None},  # Python only
+    "rebuilds": {"_SINGLE_MAX": 2, "_BLOCK_MAX": 5, "_REBUILD_FRACTION": 0.05},  # full rebuilds often
+}
+
+
+def use_engine(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for attr, value in ENGINES[name].items():
+        monkeypatch.setattr(cabs_mod, attr, value)
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_dm_paper_matches_naive_rescan(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # force each re-scoring path of the lazy greedy: all numpy blocks (tiny), or all Python singles
-    if engine == "blocks":
-        monkeypatch.setattr(cabs_mod, "_SINGLE_MAX", 0)
-        monkeypatch.setattr(cabs_mod, "_BLOCK_MAX", 3)
-    elif engine == "singles":
-        monkeypatch.setattr(cabs_mod, "_SINGLE_MAX", 10**9)
-        monkeypatch.setattr(cabs_mod, "_BLOCK_MAX", 10**9)
+    use_engine(engine, monkeypatch)
     n_targets_above_one = 0
     for case, rows, b in _dm_cases():
         r = cabs_dm(ConceptTable.from_id_lists(rows, n_concepts=25), b)
@@ -194,12 +202,17 @@ def test_dm_paper_matches_naive_rescan(engine: str, monkeypatch: pytest.MonkeyPa
     assert n_targets_above_one >= 5  # b > #distinct concepts is exercised
 
 
-def test_dm_paper_matches_vectorised_rescan_on_zipf() -> None:
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_dm_paper_matches_vectorised_rescan_on_zipf(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_engine(engine, monkeypatch)
     rng = np.random.default_rng(7)
     rows = random_rows(rng, 1500, 800, 3.0, zipf=True)
     t = ConceptTable.from_id_lists(rows, n_concepts=800)
     for b in (300, 1400):
         assert cabs_dm(t, b).indices.tolist() == rescan_dm_paper_numpy(rows, b)
+    small = rows[:700]
+    ref = cabs_dm(ConceptTable.from_id_lists(small, n_concepts=800), 140, "reference", seed=0)
+    assert ref.indices.tolist() == naive_dm_reference(small, 140, 10, seed=0)[0]
 
 
 def test_dm_paper_gains_never_increase_and_batch_is_full() -> None:
@@ -239,11 +252,9 @@ def test_reference_targets_alphabetical_remainder() -> None:
         assert all(got[c] == 0 for c in range(15) if c not in want)
 
 
-@pytest.mark.parametrize("engine", ["default", "blocks"])
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_dm_reference_matches_naive(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if engine == "blocks":
-        monkeypatch.setattr(cabs_mod, "_SINGLE_MAX", 0)
-        monkeypatch.setattr(cabs_mod, "_BLOCK_MAX", 3)
+    use_engine(engine, monkeypatch)
     rng = np.random.default_rng(99)
     filled = padded = 0
     for case, rows, b in _dm_cases():
