@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-rows", type=int, default=50, help="rows to print in table format")
     q.add_argument("--list", action="store_true", help="list the views and named queries")
 
+    s = sub.add_parser("serve", help="serve the ingest flow as a scheduled Prefect deployment (needs a Prefect server)")
+    s.add_argument("--specs", required=True, help="JSON list of {dataset, inputs, kind, container, layout, options}")
+    _add_catalog(s)
+    s.add_argument("--cron", default=None, help='schedule, e.g. "0 3 * * *" (default: run on demand only)')
+    s.add_argument("--workers", type=int, default=1)
+
     d = sub.add_parser("demo", help="curate the demo data shipped with the repo (in-process, offline)")
     d.add_argument("--catalog", default="catalog/demo", help="where to write the demo catalog")
     d.add_argument("--workers", type=int, default=1)
@@ -109,6 +115,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.catalog, workers=args.workers, force=args.force)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:  # pragma: no cover - blocks until stopped
+    from flows.deployments import serve_ingest
+
+    serve_ingest(args.specs, args.catalog, args.cron, workers=args.workers)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import duckdb
 
@@ -124,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_query(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except (FileNotFoundError, ValueError, KeyError, duckdb.Error) as exc:
         print(f"thresher {args.command}: error: {exc}", file=sys.stderr)
         return 2

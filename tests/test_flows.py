@@ -57,3 +57,20 @@ def test_demo_curates_the_shipped_data(tmp_path, capsys):
     acc = query.run_query(tmp_path / "demo", "ingest_accounting").to_pylist()
     assert {r["dataset"] for r in acc} == {s.dataset for s in demo_specs()}
     assert all(r["balanced"] for r in acc)
+
+
+def test_deployment_carries_specs_and_schedule(tmp_path):
+    import json
+
+    from flows.deployments import ingest_deployment, load_specs
+
+    spec_file = tmp_path / "datasets.json"
+    spec_file.write_text(json.dumps([{"dataset": "gsm", "inputs": ["/data/gsm8k.jsonl"], "layout": "question_answer"}]))
+    specs = load_specs(spec_file)
+    dep = ingest_deployment(specs, str(tmp_path / "cat"), cron="0 3 * * *")
+    assert dep.name == "thresher-ingest"
+    assert dep.parameters["specs"][0]["dataset"] == "gsm"
+    assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+    spec_file.write_text(json.dumps([{"dataset": "x", "inputs": [], "colour": "red"}]))
+    with pytest.raises(ValueError, match="unknown fields"):
+        load_specs(spec_file)
