@@ -177,8 +177,13 @@ class ConceptTable:
             raise IndexError(f"row indices must lie in [0, {self.n_rows}); got [{int(rows.min())}, {int(rows.max())}]")
         ptr, pos = _gather_csr(self.indptr, rows)
         dptr, dpos = _gather_csr(self.distinct_indptr, rows)
-        return ConceptTable(ptr, self.concept_ids[pos], self.n_concepts, self.vocabulary,
-                            dptr, self.distinct_ids[dpos], self.distinct_counts[dpos])
+        # rows of a valid table need no re-validation (this runs once per training step)
+        sub = object.__new__(ConceptTable)
+        for name, value in (("indptr", ptr), ("concept_ids", self.concept_ids[pos]), ("n_concepts", self.n_concepts),
+                            ("vocabulary", self.vocabulary), ("distinct_indptr", dptr),
+                            ("distinct_ids", self.distinct_ids[dpos]), ("distinct_counts", self.distinct_counts[dpos])):
+            object.__setattr__(sub, name, value)
+        return sub
 
     def alphabetical_rank(self) -> np.ndarray:
         """Rank of each concept id in alphabetical order of its name (the id itself without names)."""
@@ -559,8 +564,17 @@ def _dm_paper(table: ConceptTable, b: int) -> CabsResult:
                 changed_at[c] = done
                 pending.append(c)
 
+    def on_pick_unit_target(i: int, lo: int, hi: int, done: int) -> None:
+        # t = 1: a concept's first pick takes its term straight to 0.0 (same values as above)
+        for c in cl[lo:hi]:
+            if not count[c]:
+                count[c] = 1
+                term_list[c] = 0.0
+                changed_at[c] = done
+                pending.append(c)
+
     picks, gains = _lazy_greedy(b, np.arange(n, dtype=np.int64), scorer, pl, cl, terms, term_list, pending,
-                                changed_at, on_pick, True)
+                                changed_at, on_pick_unit_target if target == 1.0 else on_pick, True)
     if len(picks) < b:
         # the last pick scored 0 and gains are >= 0, so every remaining gain is 0: the tie rule
         # takes the rest by ascending index
