@@ -276,3 +276,31 @@ def test_every_shared_instruction_file_ingests(shared_data, tmp_path):
     assert len(by_file) == 10, by_file  # every file contributed samples
     # only real problems are rejected: a few empty model answers, nothing unparseable
     assert set(c["reject_reasons"]) <= {"empty_content"}, c["reject_reasons"]
+
+
+def test_annotations_follow_the_kept_copy_of_a_duplicate(tmp_path):
+    rec = {"dialogs": ["Sum 1+1", "2"], "annotation": {"instag": {"content": ["arithmetic"]},
+                                                     "deita": {"quality_scores": [3.0], "complexity_scores": [2.0]}}}
+    (tmp_path / "x.jsonl").write_bytes(_lines([rec, rec, {"question": "q", "answer": "a"}, rec]))
+    cat = Catalog.at(tmp_path / "cat")
+    r = run_ingest([str(tmp_path / "x.jsonl")], cat.root, "d")
+    assert r.counts["duplicates"] == 2 and r.counts["annotations"] == {"annotations_tags": 1, "annotations_quality": 1}
+    assert read_table(cat, "annotations_tags", "d").column_names == ["sample_id", "tags", "annotator"]
+
+
+def test_image_text_ingest_through_the_beam_job(demo_data, tmp_path):
+    from pipeline import query
+
+    cat = Catalog.at(tmp_path / "cat")
+    folder = run_ingest([str(demo_data / "image_text" / "small_dupes")], cat.root, "dupes",
+                        kind="image_text", workers=2)
+    # img1=img4, img2=img5, img3=img6=img7: 7 files, 3 distinct samples
+    assert folder.counts == {**folder.counts, "rows_in": 7, "samples": 3, "duplicates": 4, "rejects": 0}
+    db = run_ingest([str(demo_data / "image_text" / "dreambooth" / "images")], cat.root, "db",
+                    kind="image_text", container="image_folder", options={"caption_from": "dirname"})
+    assert db.counts["samples"] == 21 and counts_balance(db.counts)
+    rows = query.run_query(cat.root, "SELECT dataset, caption, image_format, width > 0 AS ok, octet_length(image) AS n "
+                                     "FROM image_samples ORDER BY dataset, caption").to_pylist()
+    assert {r["dataset"] for r in rows} == {"dupes", "db"}
+    assert all(r["ok"] and r["n"] > 0 for r in rows)
+    assert {r["caption"] for r in rows if r["dataset"] == "db"} == {"backpack", "cat", "dog", "teapot"}

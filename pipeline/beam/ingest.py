@@ -1,6 +1,7 @@
 """The ingest Beam pipeline: input files -> samples, rejects, duplicates and input annotations.
 
-    plan_units (driver) -> SplitUnit -> Reshuffle -> ReadAndParse -> GroupByKey(shard) -> WriteShard
+    instructions: plan_units (driver) -> SplitUnit -> Reshuffle -> ReadAndParse -> GroupByKey(shard) -> WriteShard
+    image-text:   plan_units (driver) -> ReadChunks -> Reshuffle -> ParseChunks  -> GroupByKey(shard) -> WriteShard
 
 Work travels as file ranges (thousands of records each) and parsed rows travel as Arrow IPC
 batches keyed by output shard, so the runner's per-element overhead is paid per range, not per row.
@@ -32,13 +33,12 @@ import schemas
 from pipeline import __version__
 from pipeline.beam.runner import make_pipeline_options, run_pipeline
 from pipeline.io.catalog import SAMPLE_TABLE, Catalog, shard_name, table_from_rows, write_json_atomic, write_parquet_atomic
-from pipeline.io.records import ANNOTATION_TABLES, parse_chunk
+from pipeline.io.records import ANNOTATION_TABLES, LINEAGE_KEYS, parse_chunk
 from pipeline.io.sample_id import shard_of
-from pipeline.io.sources import Chunk, ReadLimits, Unit, input_fingerprint, plan_units, read_chunks, split_unit
+from pipeline.io.sources import IMAGE_TEXT, Chunk, ReadLimits, Unit, input_fingerprint, plan_units, read_chunks, split_unit
 
 log = logging.getLogger(__name__)
 
-_LINEAGE_KEYS = ("_source_uri", "_source_offset")  # carried on annotation rows until dedup
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -75,22 +75,28 @@ class SplitUnit(beam.DoFn):
         yield from split_unit(unit, self.ranges, self.min_items)
 
 
-class ReadAndParse(beam.DoFn):
-    """Read one unit (or range), parse it, and emit (shard, (table, Arrow IPC bytes)).
+class ReadChunks(beam.DoFn):
+    """Stream one unit as chunks of raw items (I/O only), counting every input row."""
 
-    Reading and parsing are fused so that raw records never cross a shuffle: only compact Arrow
-    batches of parsed rows travel to the shard writers.
-    """
+    def __init__(self, limits: ReadLimits):
+        self.limits = limits
+        self.rows_in = Metrics.counter("ingest", "rows_in")
+
+    def process(self, unit: Unit) -> Iterator[Chunk]:
+        for chunk in read_chunks(unit, self.limits):
+            self.rows_in.inc(chunk.rows_in)
+            yield chunk
+
+
+class ParseChunks(beam.DoFn):
+    """Parse chunks and emit (shard, (table, Arrow IPC bytes)) for every table they touch."""
 
     def __init__(self, num_shards: int, limits: ReadLimits):
         self.num_shards = num_shards
         self.limits = limits
-        self.rows_in = Metrics.counter("ingest", "rows_in")
 
-    def process(self, unit: Unit) -> Iterator[tuple[int, tuple[str, bytes]]]:
-        for chunk in read_chunks(unit, self.limits):
-            self.rows_in.inc(chunk.rows_in)
-            yield from self.parse(chunk)
+    def process(self, chunk: Chunk) -> Iterator[tuple[int, tuple[str, bytes]]]:
+        yield from self.parse(chunk)
 
     def parse(self, chunk: Chunk) -> Iterator[tuple[int, tuple[str, bytes]]]:
         parsed = parse_chunk(chunk, self.limits)
@@ -98,12 +104,9 @@ class ReadAndParse(beam.DoFn):
         by_shard: dict[tuple[int, str], list[dict]] = defaultdict(list)
         for row in parsed.samples:
             by_shard[(shard_of(row["sample_id"], self.num_shards), SAMPLE_TABLE[kind])].append(row)
-        lineage = {row["sample_id"]: (row["source_uri"], row["source_offset"]) for row in parsed.samples}
         for table, rows in parsed.annotations.items():
             for row in rows:
-                uri, offset = lineage[row["sample_id"]]
-                by_shard[(shard_of(row["sample_id"], self.num_shards), table)].append(
-                    {**row, "_source_uri": uri, "_source_offset": offset})
+                by_shard[(shard_of(row["sample_id"], self.num_shards), table)].append(row)
         for rej in parsed.rejects:
             # crc32, not hash(): string hashes differ between worker processes.
             shard = zlib.crc32(f"{rej.source_uri}\0{rej.source_offset}".encode()) % self.num_shards
@@ -113,6 +116,22 @@ class ReadAndParse(beam.DoFn):
             if table in ANNOTATION_TABLES:
                 schema = _with_lineage(schema)
             yield shard, (table, _ipc(table_from_rows(rows, schema)))
+
+
+class ReadAndParse(ParseChunks):
+    """Read one unit (or line range) and parse it in one step.
+
+    For instruction files reading and parsing are fused, so raw records never cross a shuffle:
+    only compact Arrow batches of parsed rows travel to the shard writers.
+    """
+
+    def __init__(self, num_shards: int, limits: ReadLimits):
+        super().__init__(num_shards, limits)
+        self.reader = ReadChunks(limits)
+
+    def process(self, unit: Unit) -> Iterator[tuple[int, tuple[str, bytes]]]:
+        for chunk in self.reader.process(unit):
+            yield from self.parse(chunk)
 
 
 @dataclass
@@ -166,7 +185,7 @@ class WriteShard(beam.DoFn):
             mask = [key in kept_lineage for key in zip(ann.column("sample_id").to_pylist(),
                                                         ann.column("_source_uri").to_pylist(),
                                                         ann.column("_source_offset").to_pylist())]
-            ann = ann.filter(pa.array(mask, pa.bool_())).drop_columns(list(_LINEAGE_KEYS)).sort_by("sample_id")
+            ann = ann.filter(pa.array(mask, pa.bool_())).drop_columns(list(LINEAGE_KEYS)).sort_by("sample_id")
             stats.annotations[table] = ann.num_rows
             self._write(table, ann, name)
         write_json_atomic(asdict(stats), Path(self.staging) / "_stats" / f"{shard:05d}.json")
@@ -229,16 +248,24 @@ class IngestResult:
 
 def build_pipeline(p: beam.Pipeline, units: list[Unit], staging: Path, kind: str, num_shards: int,
                    limits: ReadLimits, ranges_per_file: int = 1) -> beam.PCollection:
-    return (
-        p
-        | "Units" >> beam.Create(units, reshuffle=False)
-        | "SplitUnit" >> beam.ParDo(SplitUnit(ranges_per_file))
-        # Spread the (tiny) range descriptors across workers; the data itself never shuffles here.
-        | "SpreadRanges" >> beam.Reshuffle()
-        | "ReadAndParse" >> beam.ParDo(ReadAndParse(num_shards, limits))
-        | "ByShard" >> beam.GroupByKey()
-        | "WriteShard" >> beam.ParDo(WriteShard(str(staging), num_shards, kind))
-    )
+    units_pc = p | "Units" >> beam.Create(units, reshuffle=False)
+    if kind == IMAGE_TEXT:
+        # Image chunks carry file paths (or tar member bytes) and decoding dominates: spread the
+        # chunks of one folder or tar across workers, then decode.
+        parsed = (units_pc
+                  | "ReadChunks" >> beam.ParDo(ReadChunks(limits))
+                  | "SpreadChunks" >> beam.Reshuffle()
+                  | "ParseChunks" >> beam.ParDo(ParseChunks(num_shards, limits)))
+    else:
+        # Split big files into line ranges and spread those (tiny) descriptors; the data itself
+        # is read where it is parsed.
+        parsed = (units_pc
+                  | "SplitUnit" >> beam.ParDo(SplitUnit(ranges_per_file))
+                  | "SpreadRanges" >> beam.Reshuffle()
+                  | "ReadAndParse" >> beam.ParDo(ReadAndParse(num_shards, limits)))
+    return (parsed
+            | "ByShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.ParDo(WriteShard(str(staging), num_shards, kind)))
 
 
 def default_num_shards(units: list[Unit]) -> int:

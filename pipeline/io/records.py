@@ -16,6 +16,9 @@ from pipeline.io.sources import IMAGE_TEXT, Chunk, RawItem, ReadLimits, Unit, de
 # Annotation tables an ingest can fill from what the input itself carries.
 INPUT_ANNOTATOR = "input"
 ANNOTATION_TABLES = ("annotations_tags", "annotations_quality", "annotations_concepts")
+# Annotation rows carry the lineage of their sample until exact duplicates are dropped, so that
+# only the kept copy's annotations survive.
+LINEAGE_KEYS = ("_source_uri", "_source_offset")
 
 
 @dataclass
@@ -25,7 +28,8 @@ class ParsedChunk:
     # table name -> rows keyed by sample_id (kept only for samples that survive dedup)
     annotations: dict[str, list[dict]] = field(default_factory=dict)
 
-    def add_annotation(self, table: str, row: dict) -> None:
+    def add_annotation(self, table: str, row: dict, sample: dict) -> None:
+        row["_source_uri"], row["_source_offset"] = sample["source_uri"], sample["source_offset"]
         self.annotations.setdefault(table, []).append(row)
 
 
@@ -50,27 +54,26 @@ def _parse_instruction_item(unit: Unit, item: RawItem, limits: ReadLimits, out: 
     if n_chars > limits.max_record_bytes:
         raise RecordRejected("oversized_record", f"{n_chars} characters, over the {limits.max_record_bytes} limit")
     sid = conversation_id(conv.messages)
-    out.samples.append(
-        {
-            "sample_id": sid,
-            "messages": conv.messages,
-            "n_turns": sum(1 for m in conv.messages if m["role"] == "user"),
-            "n_chars": n_chars,
-            "source_uri": unit.uri,
-            "source_offset": item.offset,
-            "source_member": item.member,
-            "source_format": f"{unit.container}/{conv.layout}",
-            "metadata_json": instruction_formats.metadata_json(conv.metadata),
-        }
-    )
+    sample = {
+        "sample_id": sid,
+        "messages": conv.messages,
+        "n_turns": sum(1 for m in conv.messages if m["role"] == "user"),
+        "n_chars": n_chars,
+        "source_uri": unit.uri,
+        "source_offset": item.offset,
+        "source_member": item.member,
+        "source_format": f"{unit.container}/{conv.layout}",
+        "metadata_json": instruction_formats.metadata_json(conv.metadata),
+    }
+    out.samples.append(sample)
     if conv.tags is not None:
         out.add_annotation("annotations_tags", {
             "sample_id": sid,
             "tags": [{"tag": t, "confidence": 1.0} for t in dict.fromkeys(conv.tags)],
             "annotator": INPUT_ANNOTATOR,
-        })
+        }, sample)
     if conv.quality_per_round is not None or conv.complexity_per_round is not None:
-        out.add_annotation("annotations_quality", _quality_row(sid, conv))
+        out.add_annotation("annotations_quality", _quality_row(sid, conv), sample)
 
 
 def _mean(xs: list[float] | None) -> float | None:
@@ -101,4 +104,4 @@ def _parse_image_item(unit: Unit, item: RawItem, limits: ReadLimits, out: Parsed
     sample, concepts = image_records.parse_image_item(unit, item, limits)
     out.samples.append(sample)
     if concepts is not None:
-        out.add_annotation("annotations_concepts", concepts)
+        out.add_annotation("annotations_concepts", concepts, sample)
