@@ -41,6 +41,9 @@ _VIEW_FILES = {
 }
 
 
+VIEW_NAMES = tuple(_VIEW_FILES)
+
+
 def connect(catalog: str | Path, extra_views: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per catalog table."""
     root = Path(catalog).expanduser().resolve()

@@ -1,0 +1,38 @@
+"""thresher query: SQL or a named query over the catalog with DuckDB."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.commands import add_catalog_argument
+
+NAME = "query"
+HELP = "run SQL or a named query over the catalog with DuckDB"
+
+
+def add_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("sql", nargs="?", help="SQL text, or the name of a query in sql/queries (e.g. reject_reasons)")
+    add_catalog_argument(q)
+    q.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"])
+    q.add_argument("--output", help="write the result to this file instead of stdout")
+    q.add_argument("--param", action="append", default=[], help="bind a value to the next ? in the SQL")
+    q.add_argument("--max-rows", type=int, default=50, help="rows to print in table format")
+    q.add_argument("--list", action="store_true", help="list the views and named queries")
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from pipeline import query
+
+    if args.list:
+        print("views:", ", ".join(query.VIEW_NAMES))
+        for name, path in query.named_queries().items():
+            first = path.read_text().splitlines()[0].lstrip("- ")
+            print(f"  {name:<24}{first}")
+        return 0
+    if not args.sql:
+        print("thresher query: give SQL or a named query (see --list)", file=sys.stderr)
+        return 2
+    table = query.run_query(args.catalog, args.sql, args.param)
+    query.write_result(table, args.format, path=args.output, max_rows=args.max_rows)
+    return 0
