@@ -22,8 +22,8 @@ Speed. The greedy runs inside the training loop at every step, so it is built ar
 that holds in both modes: a sample's gain never increases (counts only grow and every per-concept
 term is non-increasing in its count). That makes a lazy max-structure exact: the super-batch is
 sorted once by its initial gains, and a sample is re-scored only when it reaches the front after
-one of its concepts changed; re-scored samples wait in a heap. Each re-score is a few Python
-operations on the sample's concepts, so a step costs O(B log B + re-scores), not O(b * B * |C|).
+one of its concepts changed (alone in Python, or with its neighbours in a numpy block), so a step
+costs O(B log B + re-scores) instead of the naive O(b * B * |C|). See :func:`_lazy_greedy`.
 """
 
 from __future__ import annotations
@@ -183,15 +183,25 @@ class ConceptTable:
                             ("vocabulary", self.vocabulary), ("distinct_indptr", dptr),
                             ("distinct_ids", self.distinct_ids[dpos]), ("distinct_counts", self.distinct_counts[dpos])):
             object.__setattr__(sub, name, value)
+        if "_alpha_rank" in self.__dict__:
+            object.__setattr__(sub, "_alpha_rank", self.__dict__["_alpha_rank"])
         return sub
 
     def alphabetical_rank(self) -> np.ndarray:
-        """Rank of each concept id in alphabetical order of its name (the id itself without names)."""
+        """Rank of each concept id in alphabetical order of its name (the id itself without names).
+
+        Computed once per vocabulary and shared by the tables ``take`` derives from this one.
+        """
+        cached = self.__dict__.get("_alpha_rank")
+        if cached is not None:
+            return cached
         if self.vocabulary is None:
-            return np.arange(self.n_concepts, dtype=np.int64)
-        order = sorted(range(self.n_concepts), key=self.vocabulary.__getitem__)
-        rank = np.empty(self.n_concepts, dtype=np.int64)
-        rank[np.asarray(order, dtype=np.int64)] = np.arange(self.n_concepts, dtype=np.int64)
+            rank = np.arange(self.n_concepts, dtype=np.int64)
+        else:
+            order = sorted(range(self.n_concepts), key=self.vocabulary.__getitem__)
+            rank = np.empty(self.n_concepts, dtype=np.int64)
+            rank[np.asarray(order, dtype=np.int64)] = np.arange(self.n_concepts, dtype=np.int64)
+        object.__setattr__(self, "_alpha_rank", rank)
         return rank
 
 

@@ -88,6 +88,8 @@ class CabsSchedule:
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.cap = int(cap)
+        if method == "dm" and dm_mode == "reference":
+            self.table.alphabetical_rank()  # cached once here, shared by every step's super-batch
         self._perm_epoch: int | None = None
         self._perm: np.ndarray | None = None
 
