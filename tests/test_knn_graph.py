@@ -63,15 +63,15 @@ def test_ivf_graph_with_all_lists_probed_is_exact_and_reconstruction_works() -> 
     x = (centers[rng.integers(0, 10, 2000)] + 0.4 * rng.normal(size=(2000, 16))).astype(np.float32)
     exact = exact_knn_graph(x, k=10)
     ivf = build_index(x, spec=IndexSpec(kind="ivf_flat", nlist=16, nprobe=16, train_sample=2000))
-    np.testing.assert_array_equal(knn_graph(ivf, x, k=10).dst, exact.dst)
+    np.testing.assert_array_equal(knn_graph(ivf, x, k=10, method="search").dst, exact.dst)
     # without vectors the rows are reconstructed from the IVF lists (direct map); the stored
     # rows are already normalised, and re-normalising may swap two near-tied neighbours
-    rebuilt = knn_graph(ivf, None, k=10, batch_size=333)
+    rebuilt = knn_graph(ivf, None, k=10, batch_size=333, method="search")
     np.testing.assert_array_equal(np.sort(rebuilt.dst.reshape(-1, 10)), np.sort(exact.dst.reshape(-1, 10)))
     np.testing.assert_allclose(rebuilt.sim, exact.sim, atol=1e-5)
 
     ivf.tune(nprobe=1)
-    approx = knn_graph(ivf, x, k=10)
+    approx = knn_graph(ivf, x, k=10, method="search")
     overlap = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(approx.dst.reshape(-1, 10), exact.dst.reshape(-1, 10))])
     assert 0.3 < overlap < 1.0  # one list per query: approximate, and the comparison notices
 
@@ -147,3 +147,45 @@ def test_edges_parquet_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(back.src, graph.src)
     np.testing.assert_array_equal(back.dst, graph.dst)
     np.testing.assert_array_equal(back.sim, graph.sim)
+
+
+def same_rows(a: KnnGraph, b: KnnGraph, k: int) -> None:
+    """Same similarities per row, and the same neighbours except where two candidates tie
+    within float rounding at the k-th place (GEMM and FAISS round differently)."""
+    np.testing.assert_array_equal(a.src, b.src)
+    sa, sb = a.sim.reshape(-1, k), b.sim.reshape(-1, k)
+    np.testing.assert_allclose(np.sort(sa), np.sort(sb), rtol=1e-4, atol=1e-4)
+    differ = (np.sort(a.dst.reshape(-1, k)) != np.sort(b.dst.reshape(-1, k))).any(axis=1)
+    for row in np.flatnonzero(differ):
+        only_a = np.setdiff1d(a.dst.reshape(-1, k)[row], b.dst.reshape(-1, k)[row])
+        boundary = sb[row].min()
+        swapped = sa[row][np.isin(a.dst.reshape(-1, k)[row], only_a)]
+        assert np.all(np.abs(swapped - boundary) < 1e-5), f"row {row}: {only_a} are not tied neighbours"
+    assert differ.mean() < 0.01
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_ivf_lists_method_with_every_list_probed_is_exact(metric: str) -> None:
+    rng = np.random.default_rng(11)
+    centers = rng.normal(size=(8, 12))
+    x = (centers[rng.integers(0, 8, 1500)] + 0.5 * rng.normal(size=(1500, 12))).astype(np.float32)
+    spec = IndexSpec(kind="ivf_flat", metric=metric, nlist=12, nprobe=2, train_sample=1500)  # type: ignore[arg-type]
+    ivf = build_index(x, spec=spec)
+    exact = exact_knn_graph(x, k=6, metric=metric)
+    # small blocks force the row and column tiling and the self column to move between tiles
+    lists = knn_graph(ivf, k=6, method="ivf_lists", list_probes=12, batch_size=7)
+    same_rows(lists, exact, 6)
+    assert not (lists.src == lists.dst).any()
+    # the default probes (spec.nprobe = 2 of 12 lists) is approximate, and "auto" chooses lists
+    auto = knn_graph(ivf, x, k=6)
+    np.testing.assert_array_equal(auto.dst, knn_graph(ivf, k=6, method="ivf_lists").dst)
+    hit = np.mean([len(np.intersect1d(a, b)) / 6 for a, b in zip(auto.dst.reshape(-1, 6), exact.dst.reshape(-1, 6))])
+    assert 0.6 < hit < 1.0
+
+
+def test_ivf_lists_refuses_other_index_kinds() -> None:
+    x = random_vectors(300, 8, seed=12)
+    flat = build_index(x)
+    with pytest.raises(ValueError, match="ivf_flat"):
+        knn_graph(flat, x, k=3, method="ivf_lists")
+    np.testing.assert_array_equal(knn_graph(flat, x, k=3).dst, exact_knn_graph(x, k=3).dst)  # auto: search

@@ -15,8 +15,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,6 +31,8 @@ from pipeline.index.faiss_index import (
     drop_self,
     open_source,
 )
+
+GraphMethod = Literal["auto", "search", "ivf_lists"]
 
 
 @dataclass
@@ -91,18 +94,40 @@ def knn_graph(
     batch_size: int = 8_192,
     symmetrize: bool = False,
     column: str = "embedding",
+    method: GraphMethod = "auto",
+    list_probes: int | None = None,
 ) -> KnnGraph:
     """k nearest neighbours (self excluded) of every row of ``index``.
 
-    ``vectors`` are the indexed vectors in row order (array, shard paths, ...; see
-    ``open_source``). When omitted they are reconstructed from the index, which is exact for
-    flat/HNSW/IVF-Flat and approximate for IVF-PQ. Rows with fewer than k results (tiny or
-    sparse IVF lists) get fewer edges. ``symmetrize=True`` returns the union graph.
+    ``method="search"`` asks the index for each row's k+1 nearest rows, ``batch_size`` rows at a
+    time. ``vectors`` are then the indexed vectors in row order (array, shard paths, ...; see
+    ``open_source``); when omitted they are reconstructed from the index, which is exact for
+    flat/HNSW/IVF-Flat and approximate for IVF-PQ.
+
+    ``method="ivf_lists"`` (IVF-Flat on CPU only) works list by list instead: the rows of one
+    inverted list are compared, by one matrix product, with every row of the ``list_probes``
+    lists nearest to that list's centroid (default ``spec.nprobe``). Same candidates per row as
+    probing by list rather than by row, but compute-bound GEMMs instead of memory-bound scans;
+    ``vectors`` is ignored because the lists hold the vectors. ``method="auto"`` picks it
+    whenever it applies.
+
+    Rows with fewer than k candidates get fewer edges. ``symmetrize=True`` returns the union graph.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if method not in ("auto", "search", "ivf_lists"):
+        raise ValueError(f"method={method!r}: expected 'auto', 'search' or 'ivf_lists'")
+    lists_ok = index.spec.kind == "ivf_flat" and not index.on_gpu
+    if method == "ivf_lists" and not lists_ok:
+        raise ValueError(
+            f"method='ivf_lists' needs an ivf_flat index on CPU, got kind={index.spec.kind}, "
+            f"on_gpu={index.on_gpu}; use method='search'"
+        )
+    if method == "ivf_lists" or (method == "auto" and lists_ok):
+        graph = _ivf_list_graph(index, k, list_probes or index.spec.nprobe, row_block=batch_size)
+        return symmetrize_graph(graph) if symmetrize else graph
     n = index.n
     src_parts: list[np.ndarray] = []
     dst_parts: list[np.ndarray] = []
@@ -144,6 +169,79 @@ def knn_graph(
         metric=index.metric,
     )
     return symmetrize_graph(graph) if symmetrize else graph
+
+
+def _topk_merge(
+    best_s: np.ndarray, best_i: np.ndarray, new_s: np.ndarray, new_i: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the k largest of a running best set and a new block, row by row."""
+    cand_s = np.concatenate([best_s, new_s], axis=1)
+    cand_i = np.concatenate([best_i, new_i], axis=1)
+    if cand_s.shape[1] <= k:
+        return cand_s, cand_i
+    top = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(cand_s, top, axis=1), np.take_along_axis(cand_i, top, axis=1)
+
+
+def _ivf_list_graph(index: FaissIndex, k: int, probes: int, *, row_block: int, col_block: int = 32_768) -> KnnGraph:
+    ivf = faiss.extract_index_ivf(index.index)
+    invlists = ivf.invlists
+    nlist, d = ivf.nlist, ivf.d
+    probes = max(1, min(probes, nlist))
+    metric = index.metric
+    # zero-copy views of each list's vectors and row ids (IVF-Flat codes are raw float32 rows)
+    sizes = np.array([invlists.list_size(lst) for lst in range(nlist)], dtype=np.int64)
+    vecs: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
+    for lst in range(nlist):
+        size = int(sizes[lst])
+        if size == 0:
+            vecs.append(np.empty((0, d), np.float32))
+            ids.append(np.empty(0, np.int64))
+            continue
+        codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * invlists.code_size)
+        vecs.append(codes.view(np.float32).reshape(size, d))
+        ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).view(np.int64))
+    centroids = ivf.quantizer.reconstruct_n(0, nlist)
+    _, near = ivf.quantizer.search(centroids, probes)
+    sq = [(v * v).sum(axis=1) for v in vecs] if metric == "l2" else None
+
+    src_parts: list[np.ndarray] = []
+    dst_parts: list[np.ndarray] = []
+    sim_parts: list[np.ndarray] = []
+    for lst in np.flatnonzero(sizes):
+        # own list first, so that row r of this list sits at candidate column r (self-exclusion)
+        others = [int(p) for p in near[lst] if p >= 0 and p != lst and sizes[p]]
+        order = [int(lst)] + others
+        cand = np.concatenate([vecs[p] for p in order]) if others else vecs[lst]
+        cand_ids = np.concatenate([ids[p] for p in order]) if others else ids[lst]
+        cand_sq = np.concatenate([sq[p] for p in order]) if sq is not None else None
+        q_all = vecs[lst]
+        for r0 in range(0, len(q_all), row_block):
+            q = q_all[r0 : r0 + row_block]
+            m = len(q)
+            best_s = np.full((m, 0), -np.inf, np.float32)
+            best_i = np.full((m, 0), -1, np.int64)
+            for c0 in range(0, len(cand), col_block):
+                sims = q @ cand[c0 : c0 + col_block].T
+                if cand_sq is not None:  # larger-is-better: negated squared distance
+                    sims = 2 * sims - cand_sq[c0 : c0 + col_block][None, :] - sq[lst][r0 : r0 + m, None]
+                rows = np.arange(m)
+                self_col = r0 + rows - c0
+                inside = (self_col >= 0) & (self_col < sims.shape[1])
+                sims[rows[inside], self_col[inside]] = -np.inf
+                col_ids = np.broadcast_to(cand_ids[c0 : c0 + col_block], sims.shape)
+                best_s, best_i = _topk_merge(best_s, best_i, sims.astype(np.float32, copy=False), col_ids, k)
+            valid = np.isfinite(best_s)
+            src_parts.append(np.broadcast_to(ids[lst][r0 : r0 + m, None], best_s.shape)[valid])
+            dst_parts.append(best_i[valid])
+            sim_parts.append(best_s[valid])
+
+    src = np.concatenate(src_parts) if src_parts else np.empty(0, np.int64)
+    dst = np.concatenate(dst_parts) if dst_parts else np.empty(0, np.int64)
+    sim = np.concatenate(sim_parts) if sim_parts else np.empty(0, np.float32)
+    order = np.lexsort((-sim, src))  # same layout as the search path: by row, best first
+    return KnnGraph(src=src[order], dst=dst[order], sim=sim[order], n=index.n, k=k, metric=metric)
 
 
 def exact_knn_graph(
