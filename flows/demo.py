@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import os
+import shutil
+import sys
 from pathlib import Path
 
 from prefect import flow
@@ -44,9 +47,10 @@ def run_demo(catalog: str, workers: int = 1, force: bool = False) -> int:
         status = " (unchanged, skipped)" if r["skipped"] else ""
         print(f"{r['dataset']:<20} {r['kind']:<12} rows in {c['rows_in']:>6}  samples {c['samples']:>6}  "
               f"rejects {c['rejects']:>4}  duplicates {c['duplicates']:>4}{status}")
+    exe = "thresher" if shutil.which("thresher") else os.path.relpath(sys.argv[0])
     print(f"\ncatalog: {catalog}")
     print("try:")
-    print(f"  thresher query --catalog {catalog} counts_by_format")
-    print(f"  thresher query --catalog {catalog} \"SELECT source_format, count(*) FROM samples GROUP BY ALL\"")
-    print(f"  thresher query --catalog {catalog} --list")
+    print(f"  {exe} query --catalog {catalog} counts_by_format")
+    print(f"  {exe} query --catalog {catalog} \"SELECT source_format, count(*) FROM samples GROUP BY ALL\"")
+    print(f"  {exe} query --catalog {catalog} --list")
     return 0
