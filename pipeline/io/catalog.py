@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -71,6 +72,42 @@ def write_json_atomic(obj: Any, path: Path) -> Path:
     return path
 
 
+def commit_dir(staged: Path, final: Path) -> None:
+    """Swap folder ``staged`` into ``final``: the old one is renamed away first, then removed.
+
+    After a crash between the two renames only ``final.old`` exists; :func:`recover_dir` puts it
+    back, so readers always find either the old or the new complete folder.
+    """
+    recover_dir(final)
+    old = final.with_name(final.name + ".old")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_dir(final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(name: str) -> str:
+    """A folder-safe form of a model or annotator name (``org/model`` -> ``org__model``)."""
+    out = _SAFE.sub("_", name.replace("/", "__")).strip("._")
+    if not out:
+        raise ValueError(f"{name!r} does not make a usable folder name")
+    return out
+
+
 def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
 
@@ -109,7 +146,7 @@ class Catalog:
 
     # ------------------------------------------------------------ commit
     def commit_partitions(self, staged: dict[str, Path], dataset: str) -> None:
-        """Swap each staged partition folder into place (old one renamed away, then removed).
+        """Swap each staged partition folder into place.
 
         Tables not present in ``staged`` lose this dataset's partition: a re-ingest that produced
         no rejects must not keep the rejects of an earlier run.
@@ -117,26 +154,34 @@ class Catalog:
         self.recover(dataset)
         for table in TABLE_DIRS:
             final = self.partition(table, dataset)
-            src = staged.get(table)
-            old = final.with_name(final.name + ".old")
-            if final.exists():
-                os.replace(final, old)
-            if src is not None:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, final)
-            if old.exists():
-                shutil.rmtree(old)
+            if table in staged:
+                commit_dir(staged[table], final)
+            elif final.exists():
+                shutil.rmtree(final)
 
     def recover(self, dataset: str) -> None:
-        """Undo a swap that a crash interrupted: an ``.old`` partition with no new one is restored."""
+        """Undo swaps that a crash interrupted (an ``.old`` partition with no new one)."""
         for table in TABLE_DIRS:
-            final = self.partition(table, dataset)
-            old = final.with_name(final.name + ".old")
-            if old.exists():
-                if final.exists():
-                    shutil.rmtree(old)
-                else:
-                    os.replace(old, final)
+            recover_dir(self.partition(table, dataset))
+
+    # ------------------------------------------------------------ stage outputs
+    def samples_partition(self, kind: str, dataset: str) -> Path:
+        return self.partition(SAMPLE_TABLE[kind], dataset)
+
+    def annotation_partition(self, annotator: str, dataset: str) -> Path:
+        return self.root / "annotations" / safe_name(annotator) / f"dataset={dataset}"
+
+    def embedding_partition(self, model: str, dataset: str) -> Path:
+        return self.root / "embeddings" / safe_name(model) / f"dataset={dataset}"
+
+    def index_dir(self, model: str, dataset: str) -> Path:
+        return self.root / "indexes" / safe_name(model) / f"dataset={dataset}"
+
+    def selection_dir(self, name: str) -> Path:
+        return self.root / "selections" / safe_name(name)
+
+    def curated_dir(self, name: str) -> Path:
+        return self.root / "curated" / safe_name(name)
 
     def clean_staging(self, run_id: str) -> None:
         shutil.rmtree(self.staging(run_id), ignore_errors=True)
