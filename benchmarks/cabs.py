@@ -12,7 +12,7 @@ Latencies are medians over steps; "cpu" is process CPU time (robust to other loa
 machine), "wall" is elapsed time. The baseline is the naive DM algorithm (re-score every
 remaining sample at every pick), vectorised with numpy so that it is not a Python-loop strawman
 (tests/oracles/cabs_naive.py::rescan_dm_paper_numpy); the run also checks that its picks equal the
-fast implementation's. Peak memory: tracemalloc peak of one DM-paper step and the process RSS.
+fast implementation's. Memory: tracemalloc peak of one DM-paper step, and the process's peak RSS.
 
 Real data: the NLVR dev split's ``structured_rep`` (../shared/data/image_text/nlvr_dev/dev.json):
 each object gives the concepts ``<type>`` and ``<colour> <type>``, one instance per object.
@@ -27,6 +27,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -209,7 +210,8 @@ def main() -> None:
         naive = 0 if args.quick and big_b == 20_480 else (1 if args.quick else args.naive_steps)
         results.append(bench_size(pool, big_b, steps, naive, rng))
         print_latency(results[-1])
-    print(f"\nprocess peak RSS: {psutil.Process().memory_info().rss / 2**20:.0f} MiB (current), "
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"\nprocess RSS: peak {peak_rss:.0f} MiB, current {psutil.Process().memory_info().rss / 2**20:.0f} MiB; "
           f"load average now {os.getloadavg()[0]:.2f}")
 
     draws = 3 if args.quick else 10

@@ -364,6 +364,7 @@ def test_dm_batches_are_more_diverse_than_iid_on_zipf_data() -> None:
     assert "cabs-dm" in text and "distinct_concepts" in text
 
 
+@pytest.mark.shared_data
 def test_nlvr_concepts_dm_vs_iid(shared_data) -> None:
     import json
 
