@@ -35,12 +35,9 @@ if str(REPO) not in sys.path:
 
 from pipeline.select.mig import (  # noqa: E402
     MIGConfig,
-    all_gains,
     greedy_select,
-    label_matrix,
     mig_select,
     phi_prime_scalar,
-    propagated_vectors,
     random_baseline,
     tag_coverage,
 )

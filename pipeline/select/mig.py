@@ -43,7 +43,7 @@ import scipy.sparse as sp
 # E5-Mistral-7B, whose cosines sit much higher; with MiniLM, T = 0.9 leaves 99% of InsTag labels
 # isolated. On 927 real InsTag labels MiniLM gives, at T = 0.7: 0.77 neighbours per label on
 # average (about 3.8 for a 4.5K-label vocabulary, as degree grows with K), with pairs such as
-# "code optimization"/"code analysis" or "travel planning"/"travel"; at 0.65 unrelated pairs
+# "code optimization"/"code analysis" or "text comparison"/"string comparison"; at 0.65 unrelated pairs
 # ("movie review"/"music review") start to appear. See docs/mig.md for the sweep.
 MINILM_DEFAULT_THRESHOLD = 0.7
 
