@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1_000_000, help="rows (default 1M)")
     parser.add_argument("--d", type=int, default=384, help="dimension (default 384)")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="50k rows, 300 queries, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="50k rows, 500 queries, 2 repeats")
     parser.add_argument("--queries", type=int, default=1000, help="rows in the exact-baseline subsample")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of subsample timings (median)")
     parser.add_argument("--threshold", type=float, default=0.95, help="semdedup cosine threshold")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write all figures here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.queries, args.repeats = 50_000, 300, 2
+        args.n, args.queries, args.repeats = 50_000, 500, 2
 
     n, d, k = args.n, args.d, args.k
     data_gib = n * d * 4 / GIB

@@ -548,7 +548,7 @@ class ExactTopK:
             cand_pos = np.concatenate(
                 [self.best_pos, np.broadcast_to(np.arange(first, first + len(block)), score.shape)], axis=1
             )
-            top = np.argpartition(-cand_score, self.k - 1, axis=1)[:, : self.k]
+            top = np.argpartition(cand_score, -self.k, axis=1)[:, -self.k :]
             self.best_score = np.take_along_axis(cand_score, top, axis=1)
             self.best_pos = np.take_along_axis(cand_pos, top, axis=1)
 

@@ -179,7 +179,7 @@ def _topk_merge(
     cand_i = np.concatenate([best_i, new_i], axis=1)
     if cand_s.shape[1] <= k:
         return cand_s, cand_i
-    top = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+    top = np.argpartition(cand_s, -k, axis=1)[:, -k:]  # no negated copy of the block
     return np.take_along_axis(cand_s, top, axis=1), np.take_along_axis(cand_i, top, axis=1)
 
 
