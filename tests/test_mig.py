@@ -199,6 +199,20 @@ def test_empty_and_zero_score_samples_come_last_by_index() -> None:
     assert np.all(result.gains[: 6 - len(tail)] > 0.0)
 
 
+@pytest.mark.parametrize("padded_bytes", [0, 1 << 20])
+def test_empty_label_sets_at_the_end_of_the_pool(padded_bytes: int) -> None:
+    labels, scores, W = zipf_pool(9, 60, 12)
+    labels += [[], []]
+    scores = np.append(scores, [4.0, 0.0])
+    ehat = propagated_vectors(labels, scores, W)
+    result = greedy_select(ehat, 62, padded_bytes=padded_bytes)
+    oracle = oracle_for(labels, scores, W, 62, MIGConfig())
+    assert result.picks.tolist() == oracle.picks
+    zero = result.picks[result.gains == 0.0].tolist()
+    assert {60, 61} <= set(zero) and zero == sorted(zero)
+    assert result.picks[-len(zero):].tolist() == zero
+
+
 def test_phi_derivatives_match_finite_differences() -> None:
     for config in (MIGConfig(), MIGConfig(phi="exp", phi_alpha=0.3), MIGConfig(phi_b=0.5, phi_a=0.1)):
         x = np.array([0.5, 2.0, 10.0])

@@ -267,8 +267,8 @@ def _row_gains(
         return np.zeros(rows.shape[0], dtype=np.float64)
     offsets = np.arange(width, dtype=np.int64)
     inside = offsets < lengths[:, None]
-    # Padding points at each row's first slot and is multiplied by 0.0 below: an exact zero.
-    pos = starts[:, None] + offsets * inside
+    # Padding reads slot 0 (width > 0 means there is one) and is multiplied by 0.0: an exact zero.
+    pos = np.where(inside, starts[:, None] + offsets, 0)
     terms = data[pos] * dphi[indices[pos]] * inside
     return np.cumsum(terms, axis=1)[:, -1]
 
