@@ -1,0 +1,130 @@
+"""CABS batch plans over a catalog dataset: which samples each training step keeps, and why.
+
+The algorithm and its sampler live in ``pipeline.select.cabs`` / ``cabs_sampler`` (pure); this
+module gathers the concept lists of a dataset (instances repeated by count), plans S steps, writes
+``(step, position, sample_id, gain)`` and reports batch statistics against IID batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
+from pipeline.select import batch_metrics
+from pipeline.select.cabs_sampler import as_concept_table, iter_plan
+
+PLAN_SCHEMA = pa.schema(
+    [("step", pa.int64()), ("position", pa.int64()), ("sample_id", pa.string()), ("gain", pa.float64())],
+    metadata={"thresher.schema": "cabs_plan", "thresher.schema_version": "1"},
+)
+
+CONCEPT_SOURCES = ("input_concepts", "caption_concepts", "clip_concepts")
+
+
+@dataclass
+class ConceptPool:
+    sample_ids: list[str]
+    concepts: list[list[str]]  # one entry per instance (a concept repeats once per box/count)
+    source: str
+
+
+def concepts_from_catalog(catalog: str | Path, dataset: str, source: str = "auto") -> ConceptPool:
+    """Concept lists of every image-text sample of ``dataset`` (samples without any: empty)."""
+    cat = Catalog.at(catalog)
+    samples = cat.samples_partition("image_text", dataset)
+    if not samples.is_dir():
+        raise FileNotFoundError(f"no image-text samples for dataset {dataset!r} in {cat.root}")
+    ids = sorted(pq.read_table(samples, columns=["sample_id"]).column("sample_id").to_pylist())
+    names = CONCEPT_SOURCES if source == "auto" else (source,)
+    part = next((p for p in (cat.annotation_partition(n, dataset) for n in names)
+                 if p.is_dir() and any(p.glob("*.parquet"))), None)
+    if part is None:
+        raise FileNotFoundError(f"dataset {dataset!r} has no {' / '.join(names)} annotations; run "
+                                "`thresher concepts annotate` first")
+    rows = pq.read_table(part, columns=["sample_id", "concepts"]).to_pylist()
+    by_id = {r["sample_id"]: [c["concept"] for c in r["concepts"] or [] for _ in range(max(1, c["count"] or 1))]
+             for r in rows}
+    return ConceptPool(ids, [by_id.get(s, []) for s in ids], part.parent.name)
+
+
+def concepts_from_file(path: str | Path, column: str = "concepts", id_column: str = "sample_id") -> ConceptPool:
+    """A Parquet file with a list<string> concept column (instances repeated) and an id column."""
+    table = pq.read_table(path)
+    for c in (column, id_column):
+        if c not in table.column_names:
+            raise ValueError(f"{path} has no column {c!r}; columns: {table.column_names}")
+    concepts = [[x["concept"] if isinstance(x, dict) else x for x in (row or [])]
+                for row in table.column(column).to_pylist()]
+    return ConceptPool([str(x) for x in table.column(id_column).to_pylist()], concepts, str(path))
+
+
+@dataclass
+class PlanReport:
+    steps: int
+    superbatch: int
+    batch: int
+    mode: str
+    dm_mode: str
+    concept_source: str
+    zero_gain_picks: int
+    padded_picks: int
+    cabs: dict[str, float]
+    iid: dict[str, float]
+
+    def lines(self) -> list[str]:
+        out = [f"{self.steps} steps, super-batch {self.superbatch} -> batch {self.batch}, CABS-{self.mode.upper()}"
+               f"{' (' + self.dm_mode + ')' if self.mode == 'dm' else ''}, concepts from {self.concept_source}",
+               f"picks with zero gain: {self.zero_gain_picks}, padded: {self.padded_picks}",
+               f"{'per-batch mean':<22}{'CABS':>12}{'IID':>12}{'ratio':>8}"]
+        for k in batch_metrics.TABLE_METRICS:
+            ratio = self.cabs[k] / self.iid[k] if self.iid[k] else float("nan")
+            out.append(f"{k:<22}{self.cabs[k]:>12.4f}{self.iid[k]:>12.4f}{ratio:>8.2f}")
+        return out
+
+
+def plan(pool: ConceptPool, mode: str = "dm", filter_ratio: float = 0.8, superbatch: int = 20_480,
+         steps: int = 1, seed: int = 0, dm_mode: str = "paper") -> tuple[pa.Table, PlanReport]:
+    n = len(pool.sample_ids)
+    if n == 0:
+        raise ValueError(f"{pool.source}: no samples to plan from")
+    if superbatch > n:
+        raise ValueError(f"super-batch {superbatch} is larger than the dataset ({n} samples); "
+                         f"use --superbatch {n} or less")
+    table = as_concept_table(pool.concepts)
+    steps_col, pos_col, ids_col, gain_col = [], [], [], []
+    cabs_reports, iid_reports = [], []
+    zero = padded = 0
+    batch_size = 0
+    for planned in iter_plan(table, mode, filter_ratio, superbatch, steps, seed, dm_mode=dm_mode):
+        batch_size = len(planned.batch)
+        zero += planned.result.zero_gain_count
+        padded += planned.result.padded_count
+        for pos, (i, g) in enumerate(zip(planned.batch.tolist(), planned.result.gains.tolist())):
+            steps_col.append(planned.step)
+            pos_col.append(pos)
+            ids_col.append(pool.sample_ids[i])
+            gain_col.append(g)
+        sb = table.take(planned.superbatch)
+        cmp = batch_metrics.compare_to_iid(sb, planned.result.indices, n_draws=3, seed=seed + planned.step)
+        cabs_reports.append(cmp.selected.as_dict())
+        iid_reports.append(cmp.iid_mean)
+    plan_table = pa.table({"step": steps_col, "position": pos_col, "sample_id": ids_col, "gain": gain_col},
+                          schema=PLAN_SCHEMA)
+    keys = batch_metrics.TABLE_METRICS
+    report = PlanReport(steps, superbatch, batch_size, mode, dm_mode, pool.source, int(zero), int(padded),
+                        {k: float(np.mean([r[k] for r in cabs_reports])) for k in keys},
+                        {k: float(np.mean([r[k] for r in iid_reports])) for k in keys})
+    return plan_table, report
+
+
+def write_plan(table: pa.Table, report: PlanReport, out: str | Path, parameters: dict[str, Any]) -> Path:
+    out = Path(out)
+    write_parquet_atomic(table, out, PLAN_SCHEMA)
+    write_json_atomic({"parameters": parameters, "report": asdict(report)}, out.with_suffix(".report.json"))
+    return out

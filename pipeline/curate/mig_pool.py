@@ -1,0 +1,179 @@
+"""MIG over real pools: an xsample JSONL file or a catalog dataset with tag and quality annotations.
+
+The algorithm lives in ``pipeline.select.mig`` (pure, exact, fast); this module only gathers its
+inputs (labels, scores, label graph), runs it, and writes the picks with a report: the dataset
+information E(D) of the selection against random selections of the same size, and tag coverage.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
+from pipeline.select import label_graph as lg
+from pipeline.select import mig
+
+PICKS_SCHEMA = pa.schema(
+    [
+        ("rank", pa.int64()),
+        ("index", pa.int64()),
+        ("sample_id", pa.string()),
+        ("gain", pa.float64()),
+        ("labels", pa.list_(pa.string())),
+    ],
+    metadata={"thresher.schema": "mig_picks", "thresher.schema_version": "1"},
+)
+
+
+@dataclass
+class Pool:
+    sample_ids: list[str]
+    labels: list[list[str]]
+    scores: np.ndarray
+    index: np.ndarray  # what OUT's `index` column reports (line number or row position)
+    source: str
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def pool_from_xsample(path: str | Path) -> Pool:
+    """The MIG/xsample layout; ids are the same content hashes ingest gives these conversations."""
+    from pipeline.io.instruction_formats import normalise
+    from pipeline.io.sample_id import conversation_id
+
+    xs = mig.read_xsample_jsonl(path)
+    wanted = set(int(i) for i in xs.line_numbers)
+    ids: dict[int, str] = {}
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        record_no = -1
+        for line in fh:
+            if not line.strip():
+                continue
+            record_no += 1
+            if record_no in wanted:
+                ids[record_no] = conversation_id(normalise(json.loads(line), "xsample").messages)
+    return Pool([ids[int(i)] for i in xs.line_numbers], xs.labels, xs.scores, xs.line_numbers,
+                str(path), {"skipped_without_annotations": xs.skipped})
+
+
+def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", quality: str = "auto") -> Pool:
+    """Samples of ``dataset`` with labels from annotator ``tags`` and scores from ``quality``.
+
+    ``auto`` prefers the annotations the input carried (``input_tags`` / ``input_quality``), then
+    the offline annotators. Samples without tags get an empty label set; without a score, 0.
+    """
+    cat = Catalog.at(catalog)
+    samples = cat.samples_partition("instruction", dataset)
+    if not samples.is_dir():
+        raise FileNotFoundError(f"no instruction samples for dataset {dataset!r} in {cat.root}")
+    ids = sorted(pq.read_table(samples, columns=["sample_id"]).column("sample_id").to_pylist())
+    tag_part = _annotation(cat, dataset, tags, ("input_tags", "offline_tags", "llm_tags"))
+    q_part = _annotation(cat, dataset, quality, ("input_quality", "offline_quality", "llm_quality"))
+    tag_rows = pq.read_table(tag_part, columns=["sample_id", "tags"]).to_pylist()
+    by_id_tags = {r["sample_id"]: [t["tag"] for t in r["tags"] or []] for r in tag_rows}
+    q = pq.read_table(q_part, columns=["sample_id", "score"]).to_pylist()
+    by_id_score = {r["sample_id"]: (r["score"] or 0.0) for r in q}
+    labels = [list(dict.fromkeys(by_id_tags.get(s, []))) for s in ids]
+    scores = np.array([float(by_id_score.get(s, 0.0)) for s in ids], dtype=np.float64)
+    notes = {"tags_from": tag_part.parent.name, "quality_from": q_part.parent.name,
+             "without_tags": sum(1 for s in ids if s not in by_id_tags),
+             "without_score": sum(1 for s in ids if s not in by_id_score)}
+    return Pool(ids, labels, scores, np.arange(len(ids)), f"{cat.root}#{dataset}", notes)
+
+
+def _annotation(cat: Catalog, dataset: str, name: str, preference: tuple[str, ...]) -> Path:
+    names = preference if name == "auto" else (name,)
+    for n in names:
+        part = cat.annotation_partition(n, dataset)
+        if part.is_dir() and any(part.glob("*.parquet")):
+            return part
+    raise FileNotFoundError(f"dataset {dataset!r} has no {' / '.join(names)} annotations; run "
+                            f"`thresher annotate` first (or pass an xsample JSONL file)")
+
+
+@dataclass
+class MIGReport:
+    n_pool: int
+    budget: int
+    n_labels: int
+    graph: str
+    information: float
+    random_information_mean: float
+    random_information_std: float
+    coverage_pool: int
+    coverage_selected: int
+    coverage_random_mean: float
+    seconds: dict[str, float]
+    notes: dict[str, Any]
+
+    def lines(self) -> list[str]:
+        ratio = self.information / self.random_information_mean if self.random_information_mean else float("nan")
+        return [
+            f"pool {self.n_pool:,} samples, {self.n_labels:,} labels, budget {self.budget:,}",
+            f"label graph: {self.graph}",
+            f"E(D) MIG selection   {self.information:,.3f}",
+            f"E(D) random (mean)   {self.random_information_mean:,.3f} ± {self.random_information_std:,.3f}"
+            f"   (MIG / random = {ratio:.3f})",
+            f"tag coverage: pool {self.coverage_pool:,}, MIG {self.coverage_selected:,}, "
+            f"random {self.coverage_random_mean:,.1f}",
+            "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()),
+        ]
+
+
+def build_graph(vocabulary: tuple[str, ...], config: mig.MIGConfig, edges: str | Path | None,
+                embed: Callable[[list[str]], np.ndarray] | None = None) -> lg.LabelGraph:
+    if edges is not None:
+        return lg.label_graph_from_edge_parquet(vocabulary, edges)
+    if embed is None:
+        from pipeline.embed.sentence import embed_texts, load_sentence_embedder
+
+        model = load_sentence_embedder()
+        embed = lambda texts: embed_texts(model, texts)  # noqa: E731
+    return lg.label_graph_from_texts(vocabulary, embed, config.sim_threshold)
+
+
+def select(pool: Pool, budget: int, config: mig.MIGConfig = mig.MIGConfig(), edges: str | Path | None = None,
+           embed: Callable[[list[str]], np.ndarray] | None = None, random_trials: int = 5,
+           seed: int = 0) -> tuple[pa.Table, MIGReport]:
+    vocabulary = mig.pool_vocabulary(pool.labels)
+    if not vocabulary:
+        raise ValueError(f"no sample of {pool.source} has any label; MIG needs tags")
+    graph = build_graph(vocabulary, config, edges, embed)
+    label_ids = mig.encode_labels(pool.labels, graph.labels).label_ids
+    result = mig.mig_select(label_ids, pool.scores, graph.W, budget, config)
+    picks = result.picks
+    table = pa.table({
+        "rank": np.arange(len(picks), dtype=np.int64),
+        "index": pool.index[picks].astype(np.int64),
+        "sample_id": [pool.sample_ids[i] for i in picks],
+        "gain": result.gains.astype(np.float64),
+        "labels": [pool.labels[i] for i in picks],
+    }, schema=PICKS_SCHEMA)
+    rand = mig.random_baseline(result.ehat, len(picks), config, n_trials=random_trials, seed=seed) \
+        if len(picks) else np.zeros(1)
+    rng = np.random.default_rng(seed)
+    rand_cov = [mig.tag_coverage(label_ids, rng.choice(len(label_ids), len(picks), replace=False)).covered
+                for _ in range(random_trials)]
+    cov = mig.tag_coverage(label_ids, picks)
+    report = MIGReport(
+        n_pool=len(pool.sample_ids), budget=len(picks), n_labels=graph.n_labels,
+        graph=graph.degree_stats().as_row() if edges is None else f"edge list {edges}",
+        information=result.information, random_information_mean=float(rand.mean()),
+        random_information_std=float(rand.std()), coverage_pool=cov.total, coverage_selected=cov.covered,
+        coverage_random_mean=float(np.mean(rand_cov)), seconds=result.seconds, notes=pool.notes)
+    return table, report
+
+
+def write_selection(table: pa.Table, report: MIGReport, out: str | Path, parameters: dict[str, Any]) -> Path:
+    out = Path(out)
+    write_parquet_atomic(table, out, PICKS_SCHEMA)
+    write_json_atomic({"parameters": parameters, "report": asdict(report)}, out.with_suffix(".report.json"))
+    return out
