@@ -33,6 +33,11 @@ class GATConfig:
     ``train_mode``: "full" (one autograd pass over the whole graph per epoch), "cluster"
     (induced subgraphs of about ``batch_nodes`` nodes built from whole node groups; one epoch =
     one pass over all groups) or "auto" (full when E x heads x hidden <= ``full_batch_max_elems``).
+
+    ``num_threads``: torch intra-op threads while training (None: leave torch's setting). The
+    default is 1 because on the shared 2-core development machine, with other processes busy,
+    two threads made training 4x slower (digits, 100 epochs: 53 s vs 12 s) - spinning OpenMP
+    threads wait on a core that is not free.
     """
 
     hidden: int = 32
@@ -47,6 +52,7 @@ class GATConfig:
     full_batch_max_elems: int = 1 << 26
     edge_chunk: int = 1 << 18
     device: str | None = None
+    num_threads: int | None = 1
 
 
 @dataclass
@@ -180,7 +186,7 @@ def train_gat(
     full_src = np.concatenate([src, loop])
     full_dst = np.concatenate([dst, loop])
     timings: dict[str, float] = {}
-    with _deterministic(seed, device):
+    with _deterministic(seed, device), _torch_threads(config.num_threads):
         model = GAT(X.shape[1], n_classes, config).to(device)
         optimiser = torch.optim.Adam(model.parameters(), lr=config.lr,
                                      weight_decay=config.weight_decay)
@@ -299,6 +305,21 @@ def _pick_mode(config: GATConfig, n_edges_with_loops: int) -> str:
         return config.train_mode
     elems = n_edges_with_loops * config.heads * config.hidden
     return "full" if elems <= config.full_batch_max_elems else "cluster"
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise ValueError(f"num_threads must be >= 1 or None, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager

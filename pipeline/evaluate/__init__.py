@@ -1,0 +1,1 @@
+"""Evaluation harnesses (instance selection: see instance_selection.py)."""
