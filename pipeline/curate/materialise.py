@@ -1,0 +1,215 @@
+"""Curated shards and trainer exports: a selection joined back to its samples and annotations.
+
+A selection (ordered sample ids with gains, see DataComp) stays separate from the step that
+materialises it: ``materialise_instructions`` joins the picks with the samples and their
+annotations into ``curated/<name>/`` Parquet shards (in rank order), and ``export`` writes those
+as JSONL in the layouts SFT trainers read (ShareGPT, Alpaca, OpenAI messages) or as Parquet, with
+a manifest of parameters, counts and source lineage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+from pipeline.io.catalog import Catalog, commit_dir, shard_name, write_json_atomic, write_parquet_atomic
+
+EXPORT_FORMATS = ("sharegpt", "alpaca", "openai", "parquet")
+
+
+@dataclass
+class CuratedResult:
+    name: str
+    path: str
+    rows: int
+    shards: int
+    missing: int  # picks whose sample is not in the dataset (reported, never silently dropped)
+
+
+def _latest(cat: Catalog, dataset: str, names: tuple[str, ...]) -> Path | None:
+    for n in names:
+        part = cat.annotation_partition(n, dataset)
+        if part.is_dir() and any(part.glob("*.parquet")):
+            return part
+    return None
+
+
+def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Path, name: str,
+                             algorithm: str = "mig", rows_per_shard: int = 50_000,
+                             parameters: dict[str, Any] | None = None) -> CuratedResult:
+    """Join ``picks`` (rank, sample_id, gain[, labels]) with the samples of ``dataset``."""
+    cat = Catalog.at(catalog)
+    samples = cat.samples_partition("instruction", dataset)
+    if not samples.is_dir():
+        raise FileNotFoundError(f"no instruction samples for dataset {dataset!r} in {cat.root}")
+    picks_table = pq.read_table(picks)
+    for col in ("rank", "sample_id", "gain"):
+        if col not in picks_table.column_names:
+            raise ValueError(f"{picks} has no column {col!r}; expected the output of `thresher select`")
+    tags = _latest(cat, dataset, ("input_tags", "offline_tags", "llm_tags"))
+    quality = _latest(cat, dataset, ("input_quality", "offline_quality", "llm_quality"))
+    con = duckdb.connect()
+    con.register("picks", picks_table)
+    # Relations from the Python API: paths are arguments, never spliced into SQL text.
+    con.read_parquet(str(samples / "*.parquet")).create_view("s")
+    empty_tags = pa.table({"sample_id": pa.array([], pa.string()), "tags": pa.array([], pa.list_(pa.string()))})
+    empty_q = pa.table({"sample_id": pa.array([], pa.string()), "score": pa.array([], pa.float32())})
+    if tags is not None:
+        con.read_parquet(str(tags / "*.parquet")).project("sample_id, list_transform(tags, lambda x: x.tag) AS tags") \
+            .create_view("t")
+    else:
+        con.register("t", empty_tags)
+    if quality is not None:
+        con.read_parquet(str(quality / "*.parquet")).project("sample_id, score").create_view("q")
+    else:
+        con.register("q", empty_q)
+    joined = con.sql("""
+        SELECT p.sample_id, s.messages, t.tags, q.score::FLOAT AS score,
+               p.rank::BIGINT AS rank, p.gain::DOUBLE AS gain, s.source_uri, s.source_offset
+        FROM picks p
+        JOIN s USING (sample_id)
+        LEFT JOIN t USING (sample_id)
+        LEFT JOIN q USING (sample_id)
+        ORDER BY p.rank""")
+    table = joined.to_arrow_table() if hasattr(joined, "to_arrow_table") else joined.arrow()
+    missing = picks_table.num_rows - table.num_rows
+    run = uuid.uuid4().hex[:8]
+    staging = cat.staging(f"curate-{run}") / "out"
+    staging.mkdir(parents=True)
+    n_shards = max(1, -(-table.num_rows // rows_per_shard))
+    try:
+        for k in range(n_shards):
+            part = table.slice(k * rows_per_shard, rows_per_shard)
+            write_parquet_atomic(part, staging / shard_name(k, n_shards), schemas.CURATED_INSTRUCTIONS)
+        why = _why(picks_table, table) if "labels" in picks_table.column_names else [None] * table.num_rows
+        sel = pa.table({"rank": table.column("rank"), "sample_id": table.column("sample_id"),
+                        "gain": table.column("gain"), "algorithm": [algorithm] * table.num_rows, "why": why})
+        sel_stage = staging.parent / "selection"
+        write_parquet_atomic(sel, sel_stage / "part-00000-of-00001.parquet", schemas.SELECTIONS)
+        write_json_atomic({"dataset": dataset, "picks": str(picks), "algorithm": algorithm,
+                           "parameters": parameters or {}, "rows": table.num_rows, "missing": missing},
+                          staging / "_curated.json")
+        commit_dir(staging, cat.curated_dir(name))
+        commit_dir(sel_stage, cat.selection_dir(name))
+    finally:
+        cat.clean_staging(f"curate-{run}")
+    return CuratedResult(name, str(cat.curated_dir(name)), table.num_rows, n_shards, missing)
+
+
+def _why(picks: pa.Table, joined: pa.Table) -> list[str | None]:
+    labels = dict(zip(picks.column("sample_id").to_pylist(), picks.column("labels").to_pylist()))
+    return [json.dumps({"labels": labels.get(s)}) for s in joined.column("sample_id").to_pylist()]
+
+
+# ------------------------------------------------------------------ export
+
+
+def _pairs(messages: list[dict]) -> tuple[str | None, list[tuple[str, str]], list[str]]:
+    """(system, [(user, assistant), ...], trailing unanswered user turns)."""
+    system = None
+    pairs: list[tuple[str, str]] = []
+    pending: list[str] = []
+    for m in messages:
+        if m["role"] == "system":
+            system = m["content"] if system is None else f"{system}\n{m['content']}"
+        elif m["role"] == "user":
+            pending.append(m["content"])
+        elif pending:
+            pairs.append(("\n\n".join(pending), m["content"]))
+            pending = []
+    return system, pairs, pending
+
+
+def to_layout(row: dict, fmt: str) -> dict | None:
+    """One curated row in a trainer layout; None when it has no assistant answer to learn from."""
+    messages = row["messages"]
+    system, pairs, _ = _pairs(messages)
+    if not pairs:
+        return None
+    meta = {"id": row["sample_id"], "rank": row["rank"]}
+    if fmt == "sharegpt":
+        conv = ([{"from": "system", "value": system}] if system else [])
+        for u, a in pairs:
+            conv += [{"from": "human", "value": u}, {"from": "gpt", "value": a}]
+        return {**meta, "conversations": conv}
+    if fmt == "openai":
+        msgs = ([{"role": "system", "content": system}] if system else [])
+        for u, a in pairs:
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        return {**meta, "messages": msgs}
+    if fmt == "alpaca":
+        # Alpaca is single-turn; earlier exchanges go to "history" (the LLaMA-Factory convention).
+        *history, (instruction, output) = pairs
+        out = {**meta, "instruction": instruction, "input": "", "output": output}
+        if history:
+            out["history"] = [list(h) for h in history]
+        if system:
+            out["system"] = system
+        return out
+    raise ValueError(f"unknown export format {fmt!r}; choose one of {EXPORT_FORMATS}")
+
+
+def _curated_rows(path: Path) -> Iterator[dict]:
+    for shard in sorted(path.glob("part-*.parquet")):
+        yield from pq.read_table(shard).to_pylist()
+
+
+def export(catalog: str | Path, name: str, fmt: str, out_dir: str | Path, rows_per_file: int = 100_000) -> dict:
+    """Write curated ``name`` to ``out_dir`` in ``fmt`` plus ``manifest.json``; returns the manifest."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {EXPORT_FORMATS}")
+    cat = Catalog.at(catalog)
+    src = cat.curated_dir(name)
+    if not src.is_dir():
+        raise FileNotFoundError(f"no curated set {name!r} in {cat.root}; run the curate flow or `thresher curate` first")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = json.loads((src / "_curated.json").read_text()) if (src / "_curated.json").exists() else {}
+    written, skipped, files, sources = 0, 0, [], {}
+    if fmt == "parquet":
+        table = pq.read_table(src)
+        target = out_dir / "data.parquet"
+        write_parquet_atomic(table, target, schemas.CURATED_INSTRUCTIONS)
+        files.append(target.name)
+        written = table.num_rows
+        for uri in table.column("source_uri").to_pylist():
+            sources[uri] = sources.get(uri, 0) + 1
+    else:
+        fh, tmp, k = None, None, 0
+        try:
+            for row in _curated_rows(src):
+                rec = to_layout(row, fmt)
+                if rec is None:
+                    skipped += 1
+                    continue
+                if fh is None or written % rows_per_file == 0 and written:
+                    if fh is not None:
+                        fh.close()
+                        os.replace(tmp, out_dir / files[-1])
+                    files.append(f"data-{k:05d}.jsonl")
+                    tmp = out_dir / f".{files[-1]}.tmp"
+                    fh = open(tmp, "w", encoding="utf-8")
+                    k += 1
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                written += 1
+                sources[row["source_uri"]] = sources.get(row["source_uri"], 0) + 1
+        finally:
+            if fh is not None:
+                fh.close()
+                os.replace(tmp, out_dir / files[-1])
+    manifest = {
+        "curated": name, "format": fmt, "files": files, "rows": written,
+        "skipped_without_answer": skipped, "selection": info, "sources": sources,
+        "catalog": str(cat.root),
+    }
+    write_json_atomic(manifest, out_dir / "manifest.json")
+    return manifest

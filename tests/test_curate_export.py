@@ -1,0 +1,80 @@
+"""Curated shards from a selection, and exports in trainer layouts with a manifest."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.beam.ingest import run_ingest
+from pipeline.cli import main
+from pipeline.curate.materialise import to_layout
+from pipeline import query
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, demo_data):
+    root = tmp_path_factory.mktemp("cat")
+    run_ingest([str(demo_data / "instructions")], root, "demo")
+    ids = query.run_query(root, "SELECT sample_id FROM samples ORDER BY n_chars DESC LIMIT 30").column("sample_id")
+    picks = pa.table({"rank": list(range(30)), "sample_id": ids, "gain": [30.0 - i for i in range(30)],
+                      "labels": [["long"]] * 30})
+    pq.write_table(picks, root / "picks.parquet")
+    assert main(["curate", "--catalog", str(root), "--dataset", "demo", "--picks", str(root / "picks.parquet"),
+                 "--name", "longest"]) == 0
+    return root
+
+
+def test_curated_shards_keep_rank_order_and_lineage(curated):
+    rows = pq.read_table(curated / "curated" / "longest").to_pylist()
+    assert [r["rank"] for r in rows] == list(range(30))
+    assert all(r["messages"] and r["source_uri"] for r in rows)
+    sel = query.run_query(curated, "SELECT count(*) AS n FROM read_parquet(?)",
+                          [str(curated / "selections" / "longest" / "*.parquet")])
+    assert sel.to_pylist() == [{"n": 30}]
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "alpaca", "openai", "parquet"])
+def test_export_layouts(curated, tmp_path, fmt):
+    out = tmp_path / fmt
+    assert main(["export", "--catalog", str(curated), "--curated", "longest", "--format", fmt,
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] + manifest["skipped_without_answer"] == 30
+    assert sum(manifest["sources"].values()) == manifest["rows"]
+    assert manifest["selection"]["dataset"] == "demo"
+    if fmt == "parquet":
+        assert pq.read_table(out / "data.parquet").num_rows == 30
+        return
+    recs = [json.loads(line) for f in manifest["files"] for line in (out / f).read_text().splitlines()]
+    assert len(recs) == manifest["rows"]
+    first = recs[0]
+    if fmt == "sharegpt":
+        assert first["conversations"][-1]["from"] == "gpt"
+    elif fmt == "openai":
+        assert first["messages"][-1]["role"] == "assistant"
+    else:
+        assert first["instruction"] and first["output"]
+
+
+def test_layouts_of_multi_turn_and_unanswered_conversations():
+    row = {"sample_id": "x", "rank": 0, "messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"}]}
+    alpaca = to_layout(row, "alpaca")
+    assert alpaca["instruction"] == "q2" and alpaca["output"] == "a2" and alpaca["history"] == [["q1", "a1"]]
+    assert alpaca["system"] == "be brief"
+    assert to_layout(row, "sharegpt")["conversations"][0] == {"from": "system", "value": "be brief"}
+    unanswered = {"sample_id": "y", "rank": 1, "messages": [{"role": "user", "content": "only a question"}]}
+    assert to_layout(unanswered, "openai") is None
+
+
+def test_curate_and_export_errors(curated, tmp_path):
+    assert main(["export", "--catalog", str(curated), "--curated", "nope", "--format", "alpaca",
+                 "--out", str(tmp_path)]) == 2
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"sample_id": ["a"]}), bad)
+    assert main(["curate", "--catalog", str(curated), "--dataset", "demo", "--picks", str(bad), "--name", "b"]) == 2
