@@ -1,0 +1,197 @@
+"""Apache Beam RunInference model handlers for text and CLIP embeddings.
+
+Each handler embeds a batch of plain inputs and returns one float32 vector per input, in input
+order. Wrap a handler with :func:`keyed` (Beam's ``KeyedModelHandler``) so that elements travel
+as ``(key, input)`` and come out as ``(key, vector)``; the embedding stages key by
+``(shard, row, sample_id)``.
+
+Handlers are pickled into Beam workers, so they hold only names and settings; the model is
+loaded in ``load_model`` on the worker. Every worker checks the loaded weights against the
+digest the driver recorded (``expected_digest``), so one embeddings table never mixes vectors
+from two different sets of weights.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler
+
+from pipeline.embed.clip import ClipModel, embed_captions, embed_images, shared_clip, weights_digest
+
+
+class WeightsMismatch(RuntimeError):
+    """A worker loaded weights whose digest differs from the one the driver recorded."""
+
+
+def _check_digest(actual: str, expected: str | None, what: str) -> None:
+    if expected is not None and actual != expected:
+        raise WeightsMismatch(
+            f"{what}: this worker loaded weights with digest {actual[:16]}... but the job was "
+            f"planned with {expected[:16]}...; the model files changed while the job ran, or "
+            "workers see different files. Re-run once every worker sees the same weights."
+        )
+
+
+def _batching(batch_size: int, min_batch_size: int | None) -> dict[str, int]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    low = batch_size if min_batch_size is None else min_batch_size
+    if not 1 <= low <= batch_size:
+        raise ValueError(f"min_batch_size must be between 1 and batch_size ({batch_size}), got {low}")
+    # BatchElements adapts sizes between the bounds; min == max gives the fixed batches a
+    # plain loop would use, which is what the model is tuned for.
+    return {"min_batch_size": low, "max_batch_size": batch_size}
+
+
+# --------------------------------------------------------------------------------------------
+# sentence-transformers
+# --------------------------------------------------------------------------------------------
+
+_SENTENCE_CACHE: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_sentence_lock = threading.Lock()
+
+
+def shared_sentence_model(name_or_path: str | None = None, device: str | None = None) -> Any:
+    """A sentence-transformers model loaded once per process (offline; see pipeline.embed.sentence).
+
+    The driver (for the digest) and the RunInference workers of an in-process run share it.
+    """
+    from pipeline.embed.sentence import load_sentence_embedder, pick_device, resolve_model_path
+
+    key = (resolve_model_path(name_or_path), pick_device(device))
+    with _sentence_lock:
+        if key in _SENTENCE_CACHE:
+            _SENTENCE_CACHE.move_to_end(key)
+            return _SENTENCE_CACHE[key]
+        model = load_sentence_embedder(key[0], device=key[1])
+        model.eval()
+        _SENTENCE_CACHE[key] = model
+        while len(_SENTENCE_CACHE) > 2:
+            _SENTENCE_CACHE.popitem(last=False)
+        return model
+
+
+def sentence_weights_digest(model: Any) -> str:
+    """:func:`pipeline.embed.clip.weights_digest` of a sentence model, memoised on the object."""
+    digest = getattr(model, "_thresher_weights_digest", None)
+    if digest is None:
+        digest = weights_digest(model)
+        model._thresher_weights_digest = digest  # weights never change after loading
+    return digest
+
+
+class SentenceEmbeddingHandler(ModelHandler[str, np.ndarray, Any]):
+    """Texts -> sentence-transformers embeddings (default: the bundled all-MiniLM-L6-v2)."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        device: str | None = None,
+        batch_size: int = 64,
+        min_batch_size: int | None = None,
+        normalize: bool = True,
+        expected_digest: str | None = None,
+    ) -> None:
+        super().__init__(**_batching(batch_size, min_batch_size))
+        self.model_ref = None if model is None else os.fspath(model)
+        self.device = device
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.expected_digest = expected_digest
+
+    def load_model(self) -> Any:
+        model = shared_sentence_model(self.model_ref, self.device)
+        if self.expected_digest is not None:
+            _check_digest(sentence_weights_digest(model), self.expected_digest, f"text model {self.model_ref}")
+        return model
+
+    def run_inference(
+        self, batch: Sequence[str], model: Any, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[np.ndarray]:
+        from pipeline.embed.sentence import embed_texts
+
+        vectors = embed_texts(model, list(batch), batch_size=max(len(batch), 1), normalize=self.normalize)
+        return list(vectors)
+
+    def get_num_bytes(self, batch: Sequence[str]) -> int:
+        # The default pickles the whole batch just to measure it; lengths are what we need.
+        return sum(len(t) for t in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "thresher_embed_text"
+
+
+# --------------------------------------------------------------------------------------------
+# open_clip
+# --------------------------------------------------------------------------------------------
+
+
+class _ClipHandler(ModelHandler[Any, np.ndarray, ClipModel]):
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None = None,
+        *,
+        device: str | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        min_batch_size: int | None = None,
+        normalize: bool = True,
+        expected_digest: str | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(**_batching(batch_size, min_batch_size))
+        self.model_name = model_name
+        self.pretrained = None if pretrained is None else os.fspath(pretrained)
+        self.device = device
+        self.seed = seed
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.expected_digest = expected_digest
+        self.cache_dir = cache_dir
+
+    def load_model(self) -> ClipModel:
+        clip = shared_clip(self.model_name, self.pretrained, self.device, seed=self.seed, cache_dir=self.cache_dir)
+        _check_digest(clip.weights_digest, self.expected_digest, f"CLIP {self.model_name} ({clip.source})")
+        return clip
+
+
+class ClipImageEmbeddingHandler(_ClipHandler):
+    """Encoded image bytes -> CLIP image embeddings (decode with PIL, open_clip preprocessing)."""
+
+    def run_inference(
+        self, batch: Sequence[bytes], model: ClipModel, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[np.ndarray]:
+        return list(embed_images(model, list(batch), batch_size=max(len(batch), 1), normalize=self.normalize))
+
+    def get_num_bytes(self, batch: Sequence[bytes]) -> int:
+        return sum(len(b) for b in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "thresher_embed_clip_image"
+
+
+class ClipTextEmbeddingHandler(_ClipHandler):
+    """Captions -> CLIP text embeddings (open_clip tokenizer, context length of the model)."""
+
+    def run_inference(
+        self, batch: Sequence[str], model: ClipModel, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[np.ndarray]:
+        return list(embed_captions(model, list(batch), batch_size=max(len(batch), 1), normalize=self.normalize))
+
+    def get_num_bytes(self, batch: Sequence[str]) -> int:
+        return sum(len(t) for t in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "thresher_embed_clip_text"
+
+
+def keyed(handler: ModelHandler) -> KeyedModelHandler:
+    """``(key, input)`` elements in, ``(key, vector)`` out; batching settings are kept."""
+    return KeyedModelHandler(handler)

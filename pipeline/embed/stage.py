@@ -1,0 +1,517 @@
+"""Embedding stages: Beam jobs that embed a dataset's samples into ``embeddings/<model>/``.
+
+Graph (both stages)::
+
+    shard paths -> Reshuffle -> ReadRows (one element per sample, keyed (shard, row, sample_id))
+                -> RunInference(KeyedModelHandler(...))   batched by BatchElements
+                -> (shard, (row, sample_id, vector)) -> GroupByKey(shard) -> WriteShard
+
+so each input shard ``part-i-of-n`` yields an output shard of the same name with its rows in
+the same order. Every output table uses ``schemas.embedding_schema(dim)`` and carries in its
+metadata ``model``, ``weights_digest`` (sha256 of the state dict), ``normalized`` and ``dim``.
+
+* :func:`run_text_embedding`: instruction conversations -> one text each
+  (:func:`conversation_text`) -> sentence-transformers (default: the bundled all-MiniLM-L6-v2).
+* :func:`run_clip_embedding`: image-text samples -> CLIP image embeddings
+  (``<model>-image``), caption embeddings (``<model>-text``) and the image-caption cosine
+  (CLIP score) in ``annotations/clip_score/``, all three from one Beam job.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.ml.inference.base import RunInference
+
+import schemas
+from pipeline.beam.stage import StageResult, input_shards, run_stage
+from pipeline.embed.handlers import (
+    ClipImageEmbeddingHandler,
+    ClipTextEmbeddingHandler,
+    SentenceEmbeddingHandler,
+    keyed,
+    sentence_weights_digest,
+    shared_sentence_model,
+)
+from pipeline.io.catalog import Catalog, commit_dir, safe_name, write_parquet_atomic
+
+DEFAULT_TEXT_MODEL_NAME = "all-MiniLM-L6-v2"
+CLIP_SCORE_ANNOTATOR = "clip_score"
+TEXT_RECIPE_VERSION = 1  # bump when conversation_text changes what it produces
+CHARS_PER_TOKEN = 4  # rough English average; sizes the character budget from the token limit
+
+# Table metadata keys that readers (index stage, DuckDB views) rely on.
+META_MODEL = "model"
+META_DIGEST = "weights_digest"
+META_NORMALIZED = "normalized"
+META_DIM = "dim"
+META_RUN_TOKEN = "thresher.run_token"
+
+CLIP_SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("clip_score", pa.float32(), nullable=True),  # cosine(image, caption); null: no caption
+        pa.field("model", pa.string(), nullable=False),
+    ],
+    metadata={"thresher.schema": "annotations_clip_score", "thresher.schema_version": "1"},
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversation -> text
+# --------------------------------------------------------------------------------------------
+
+
+def _cut(text: str, limit: int) -> str:
+    """At most ``limit`` characters, preferring to end at whitespace near the limit."""
+    if len(text) <= limit:
+        return text
+    if limit <= 0:
+        return ""
+    head = text[:limit]
+    space = head.rfind(" ", int(limit * 0.9))
+    return head[:space] if space > 0 else head
+
+
+def conversation_text(messages: Sequence[dict[str, str]], max_chars: int = 1024) -> str:
+    """The text one conversation is embedded as.
+
+    User turns first (in order), then assistant turns, separated by a blank line. System turns
+    are left out: they are mostly shared boilerplate and would pull unrelated conversations
+    together. When the whole does not fit ``max_chars``, each side gets half of the budget and
+    a side that needs less gives the rest to the other, so a long answer never crowds out the
+    instruction and a long instruction never hides the answer entirely.
+    """
+    if max_chars < 16:
+        raise ValueError(f"max_chars must be at least 16, got {max_chars}")
+    user = "\n".join(m["content"].strip() for m in messages if m.get("role") == "user" and m.get("content"))
+    reply = "\n".join(m["content"].strip() for m in messages if m.get("role") == "assistant" and m.get("content"))
+    sep = "\n\n" if user and reply else ""
+    budget = max_chars - len(sep)
+    if len(user) + len(reply) > budget:
+        half = budget // 2
+        if len(user) <= half:
+            reply = _cut(reply, budget - len(user))
+        elif len(reply) <= half:
+            user = _cut(user, budget - len(reply))
+        else:
+            user = _cut(user, half)
+            reply = _cut(reply, budget - len(user))
+    return f"{user}{sep}{reply}"
+
+
+# --------------------------------------------------------------------------------------------
+# Beam pieces
+# --------------------------------------------------------------------------------------------
+
+_MARKER = "markers"
+
+
+class ReadConversationTexts(beam.DoFn):
+    """Instruction shard -> ``((shard, row, sample_id), text)``, plus one shard marker."""
+
+    def __init__(self, max_chars: int) -> None:
+        self.max_chars = max_chars
+
+    def process(self, shard_path: str) -> Iterator[Any]:
+        name = Path(shard_path).name
+        table = pq.read_table(shard_path, columns=["sample_id", "messages"])
+        ids = table.column("sample_id").to_pylist()
+        for row, (sid, messages) in enumerate(zip(ids, table.column("messages").to_pylist())):
+            yield ((name, row, sid), conversation_text(messages or [], self.max_chars))
+        # Every shard gets a group downstream, so an empty input shard still writes its output.
+        yield beam.pvalue.TaggedOutput(_MARKER, (name, None))
+
+
+class ReadImageTextRows(beam.DoFn):
+    """Image-text shard -> ``images``: ``(key, bytes)``, ``captions``: ``(key, caption)``, and
+    ``markers``: ``(shard, None)`` once plus ``(shard, ("flag", row, sid, has_caption))`` per row."""
+
+    def process(self, shard_path: str) -> Iterator[Any]:
+        name = Path(shard_path).name
+        table = pq.read_table(shard_path, columns=["sample_id", "caption", "image"])
+        ids = table.column("sample_id").to_pylist()
+        captions = table.column("caption").to_pylist()
+        images = table.column("image")
+        for row, sid in enumerate(ids):
+            key = (name, row, sid)
+            caption = captions[row] or ""
+            yield beam.pvalue.TaggedOutput("images", (key, images[row].as_py()))
+            yield beam.pvalue.TaggedOutput("captions", (key, caption))
+            # An empty caption still gets a text vector (every sample has one) but no score.
+            yield beam.pvalue.TaggedOutput(_MARKER, (name, ("flag", row, sid, bool(caption.strip()))))
+        yield beam.pvalue.TaggedOutput(_MARKER, (name, None))
+
+
+def to_shard_value(keyed_vector: tuple[tuple[str, int, str], np.ndarray], tag: str = "") -> tuple[str, Any]:
+    (name, row, sid), vector = keyed_vector
+    # Raw float32 bytes: a compact, coder-friendly payload for the shuffle.
+    return name, (tag, row, sid, np.asarray(vector, dtype=np.float32).tobytes())
+
+
+def vectors_table(values: list[tuple[str, int, str, bytes]], dim: int) -> tuple[list[str], np.ndarray]:
+    """Rows sorted back into shard order: (sample ids, float32 (n, dim))."""
+    values = sorted(values, key=lambda v: v[1])
+    ids = [v[2] for v in values]
+    flat = np.frombuffer(b"".join(v[3] for v in values), dtype=np.float32)
+    if flat.size != len(ids) * dim:
+        raise ValueError(f"expected {len(ids)} vectors of dimension {dim}, got {flat.size} values")
+    return ids, flat.reshape(len(ids), dim)
+
+
+def embedding_table(ids: list[str], vectors: np.ndarray, schema: pa.Schema) -> pa.Table:
+    dim = vectors.shape[1]
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim)
+    return pa.Table.from_arrays([pa.array(ids, type=pa.string()), column], schema=schema)
+
+
+class WriteEmbeddingShard(beam.DoFn):
+    """``(shard, values)`` -> ``<staging>/<shard>`` holding that shard's embeddings in row order."""
+
+    def __init__(self, staging: str, schema: pa.Schema) -> None:
+        self.staging, self.schema = staging, schema
+
+    def process(self, element: tuple[str, Iterable[Any]]) -> Iterator[int]:
+        name, values = element
+        rows = [v for v in values if v is not None]
+        dim = self.schema.field("embedding").type.list_size
+        ids, vectors = vectors_table(rows, dim)
+        write_parquet_atomic(embedding_table(ids, vectors, self.schema), Path(self.staging) / name, self.schema)
+        yield len(ids)
+
+
+class WriteClipShard(beam.DoFn):
+    """One shard's image vectors, caption vectors and caption flags -> image, text and score shards."""
+
+    def __init__(self, staging: dict[str, str], schemas_by_part: dict[str, pa.Schema], model_key: str) -> None:
+        self.staging, self.schemas, self.model_key = staging, schemas_by_part, model_key
+
+    def process(self, element: tuple[str, Iterable[Any]]) -> Iterator[int]:
+        name, values = element
+        rows = [v for v in values if v is not None]
+        dim = self.schemas["image"].field("embedding").type.list_size
+        img_ids, img = vectors_table([r for r in rows if r[0] == "image"], dim)
+        txt_ids, txt = vectors_table([r for r in rows if r[0] == "text"], dim)
+        flags = {r[1]: r[3] for r in rows if r[0] == "flag"}
+        if img_ids != txt_ids or len(flags) != len(img_ids):
+            raise RuntimeError(f"{name}: image, caption and flag rows disagree; the job lost elements")
+        has_caption = [flags[row] for row in sorted(flags)]
+        score = cosine_rows(img, txt)
+        scores = pa.Table.from_arrays(
+            [pa.array(img_ids, type=pa.string()),
+             pa.array([float(s) if ok else None for s, ok in zip(score, has_caption)], type=pa.float32()),
+             pa.array([self.model_key] * len(img_ids), type=pa.string())],
+            schema=self.schemas["score"],
+        )
+        write_parquet_atomic(embedding_table(img_ids, img, self.schemas["image"]),
+                             Path(self.staging["image"]) / name, self.schemas["image"])
+        write_parquet_atomic(embedding_table(txt_ids, txt, self.schemas["text"]),
+                             Path(self.staging["text"]) / name, self.schemas["text"])
+        write_parquet_atomic(scores, Path(self.staging["score"]) / name, self.schemas["score"])
+        yield len(img_ids)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two (n, d) arrays, clipped to [-1, 1]; 0 where a row is all zeros."""
+    num = np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+    den = np.linalg.norm(a, axis=1).astype(np.float64) * np.linalg.norm(b, axis=1).astype(np.float64)
+    out = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Results and metadata
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddingResult:
+    """What an embedding stage produced (or found up to date)."""
+
+    dataset: str
+    model: str  # folder name under embeddings/
+    output: str
+    rows: int
+    dim: int
+    weights_digest: str
+    normalized: bool
+    seconds: float
+    skipped: bool
+    run_id: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        state = "up to date (skipped)" if self.skipped else f"{self.rows:,} rows in {self.seconds:.1f}s"
+        return f"embeddings/{self.model}/dataset={self.dataset}: {state}, dim {self.dim}, weights {self.weights_digest[:12]}"
+
+
+@dataclass
+class ClipEmbeddingResult:
+    dataset: str
+    image: EmbeddingResult
+    text: EmbeddingResult
+    clip_score_output: str
+    clip_score_stats: dict[str, float | int]
+
+    def summary(self) -> str:
+        s = self.clip_score_stats
+        return "\n".join([
+            self.image.summary(),
+            self.text.summary(),
+            f"annotations/{Path(self.clip_score_output).parent.name}/dataset={self.dataset}: CLIP score "
+            f"mean {s.get('mean', float('nan')):.4f}, min {s.get('min', float('nan')):.4f}, "
+            f"max {s.get('max', float('nan')):.4f} over {s.get('n', 0):,} captioned samples",
+        ])
+
+
+def embedding_schema_with_meta(dim: int, meta: dict[str, str]) -> pa.Schema:
+    base = schemas.embedding_schema(dim)
+    return base.with_metadata({**{k.decode(): v.decode() for k, v in (base.metadata or {}).items()}, **meta})
+
+
+def read_embedding_metadata(partition: Path) -> dict[str, str]:
+    """The metadata of an embeddings partition (from its first shard)."""
+    shards = input_shards(partition)
+    meta = pq.read_schema(shards[0]).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items()}
+
+
+def _partition_token(partition: Path) -> str | None:
+    shards = sorted(partition.glob("part-*.parquet")) if partition.is_dir() else []
+    if not shards:
+        return None
+    meta = pq.read_schema(shards[0]).metadata or {}
+    return (meta.get(META_RUN_TOKEN.encode()) or b"").decode() or None
+
+
+def _result_from_stage(res: StageResult, model_key: str, dim: int, digest: str, output: Path) -> EmbeddingResult:
+    return EmbeddingResult(
+        dataset=res.dataset, model=model_key, output=str(output), rows=res.rows_out, dim=dim,
+        weights_digest=digest, normalized=True, seconds=res.seconds, skipped=res.skipped, run_id=res.run_id,
+    )
+
+
+def text_model_key(model: str | os.PathLike[str] | None) -> str:
+    """Embeddings folder name for a sentence model: the bundled MiniLM, a folder's name, or the name."""
+    if model is None:
+        return DEFAULT_TEXT_MODEL_NAME
+    path = Path(model).expanduser()
+    return safe_name(path.name if path.exists() else os.fspath(model))
+
+
+# --------------------------------------------------------------------------------------------
+# Text embedding stage
+# --------------------------------------------------------------------------------------------
+
+
+def run_text_embedding(
+    catalog: str | Path,
+    dataset: str,
+    model: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    workers: int = 1,
+    force: bool = False,
+    *,
+    name: str | None = None,
+    max_chars: int | None = None,
+    device: str | None = None,
+    beam_args: list[str] | None = None,
+) -> EmbeddingResult:
+    """Embed every instruction sample of ``dataset`` with a sentence-transformers model.
+
+    ``model``: a local sentence-transformers folder, a name already in the local cache, or
+    ``None`` for the bundled all-MiniLM-L6-v2. ``name`` overrides the embeddings folder name.
+    ``max_chars`` caps the text per conversation (default: 4 characters per model token, e.g.
+    1024 for MiniLM's 256 tokens; see :func:`conversation_text`). Vectors are L2-normalised.
+    Skips when the samples, the weights and the settings are unchanged (unless ``force``).
+    """
+    from pipeline.embed.sentence import resolve_model_path
+
+    cat = Catalog.at(catalog)
+    source = cat.samples_partition("instruction", dataset)
+    input_shards(source)  # fail before loading a model when there is nothing to embed
+    st_model = shared_sentence_model(None if model is None else os.fspath(model), device)
+    digest = sentence_weights_digest(st_model)
+    get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+    dim = int(get_dim())
+    if max_chars is None:
+        max_chars = CHARS_PER_TOKEN * int(st_model.max_seq_length or 256)
+    model_key = name or text_model_key(model)
+    output = cat.embedding_partition(model_key, dataset)
+    token = uuid.uuid4().hex
+    schema = embedding_schema_with_meta(dim, {
+        META_MODEL: model_key, META_DIGEST: digest, META_NORMALIZED: "true", META_DIM: str(dim),
+        "model_source": resolve_model_path(None if model is None else os.fspath(model)),
+        "text_recipe": f"conversation_text v{TEXT_RECIPE_VERSION}, max_chars={max_chars}",
+        META_RUN_TOKEN: token,
+    })
+    handler = SentenceEmbeddingHandler(None if model is None else os.fspath(model), device=device,
+                                       batch_size=batch_size, expected_digest=digest)
+    parameters = {"model": model_key, "weights_digest": digest, "max_chars": max_chars, "normalized": True,
+                  "recipe": TEXT_RECIPE_VERSION}
+
+    def expand(shard_paths: beam.PCollection, staging: Path) -> Any:
+        rows = (shard_paths
+                | "Spread" >> beam.Reshuffle()
+                | "ReadTexts" >> beam.ParDo(ReadConversationTexts(max_chars)).with_outputs(_MARKER, main="rows"))
+        vectors = (rows.rows
+                   | "Embed" >> RunInference(keyed(handler))
+                   | "ByShard" >> beam.Map(to_shard_value))
+        return ((vectors, rows[_MARKER])
+                | "Join" >> beam.Flatten()
+                | "GroupShard" >> beam.GroupByKey()
+                | "Write" >> beam.ParDo(WriteEmbeddingShard(str(staging), schema)))
+
+    res = run_stage(cat.root, "embed_text", dataset, source, output, expand, parameters,
+                    workers=workers, beam_args=beam_args, force=force)
+    out = _result_from_stage(res, model_key, dim, digest, output)
+    out.extra = {"max_chars": max_chars, "batch_size": batch_size, "model_source": schema.metadata[b"model_source"].decode()}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP embedding stage
+# --------------------------------------------------------------------------------------------
+
+
+def run_clip_embedding(
+    catalog: str | Path,
+    dataset: str,
+    model_name: str,
+    pretrained: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    workers: int = 1,
+    force: bool = False,
+    *,
+    name: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    cache_dir: str | None = None,
+    score_annotator: str = CLIP_SCORE_ANNOTATOR,
+    beam_args: list[str] | None = None,
+) -> ClipEmbeddingResult:
+    """Embed every image-text sample's image and caption with open_clip, and score the pair.
+
+    Writes ``embeddings/<key>-image/``, ``embeddings/<key>-text/`` (``key`` = ``name`` or
+    :func:`pipeline.embed.clip.clip_key`, e.g. ``ViT-B-32-laion2b_s34b_b79k``) and
+    ``annotations/<score_annotator>/`` with ``clip_score`` = cosine(image, caption) in [-1, 1]
+    (null when the caption is empty). ``pretrained``: None (seeded random weights), a tag in
+    the local cache, or a checkpoint path; see :func:`pipeline.embed.clip.load_clip`.
+    """
+    from pipeline.embed.clip import clip_key, shared_clip
+
+    cat = Catalog.at(catalog)
+    source = cat.samples_partition("image_text", dataset)
+    input_shards(source)
+    pretrained_ref = None if pretrained is None else os.fspath(pretrained)
+    clip = shared_clip(model_name, pretrained_ref, device, seed=seed, cache_dir=cache_dir)
+    digest = clip.weights_digest
+    dim = clip.embed_dim
+    key = name or clip_key(model_name, pretrained_ref, seed=seed, digest=digest)
+    outputs = {
+        "image": cat.embedding_partition(f"{key}-image", dataset),
+        "text": cat.embedding_partition(f"{key}-text", dataset),
+        "score": cat.annotation_partition(score_annotator, dataset),
+    }
+    token = uuid.uuid4().hex
+    common = {META_DIGEST: digest, META_NORMALIZED: "true", META_DIM: str(dim), "model_source": clip.source,
+              "open_clip_model": model_name, "seed": str(seed), META_RUN_TOKEN: token}
+    part_schemas = {
+        "image": embedding_schema_with_meta(dim, {**common, META_MODEL: f"{key}-image", "tower": "image"}),
+        "text": embedding_schema_with_meta(dim, {**common, META_MODEL: f"{key}-text", "tower": "text"}),
+        "score": CLIP_SCORE_SCHEMA.with_metadata({**{k.decode(): v.decode() for k, v in CLIP_SCORE_SCHEMA.metadata.items()},
+                                                  **common, META_MODEL: key}),
+    }
+    handler_args = dict(device=device, seed=seed, batch_size=batch_size, expected_digest=digest, cache_dir=cache_dir)
+    image_handler = ClipImageEmbeddingHandler(model_name, pretrained_ref, **handler_args)
+    text_handler = ClipTextEmbeddingHandler(model_name, pretrained_ref, **handler_args)
+    parameters = {"model": key, "open_clip_model": model_name, "weights_digest": digest, "normalized": True,
+                  "outputs": {k: v.relative_to(cat.root).as_posix() for k, v in outputs.items()}}
+
+    extra_run = f"embed_clip-extra-{token[:12]}"
+    staging = {"text": cat.staging(extra_run) / "text", "score": cat.staging(extra_run) / "score"}
+
+    def expand(shard_paths: beam.PCollection, image_staging: Path) -> Any:
+        for folder in staging.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        rows = (shard_paths
+                | "Spread" >> beam.Reshuffle()
+                | "ReadRows" >> beam.ParDo(ReadImageTextRows()).with_outputs("images", "captions", _MARKER))
+        images = (rows.images
+                  | "EmbedImages" >> RunInference(keyed(image_handler))
+                  | "ImagesByShard" >> beam.Map(to_shard_value, "image"))
+        captions = (rows.captions
+                    | "EmbedCaptions" >> RunInference(keyed(text_handler))
+                    | "CaptionsByShard" >> beam.Map(to_shard_value, "text"))
+        return ((images, captions, rows[_MARKER])
+                | "Join" >> beam.Flatten()
+                | "GroupShard" >> beam.GroupByKey()
+                | "Write" >> beam.ParDo(WriteClipShard(
+                    {"image": str(image_staging), "text": str(staging["text"]), "score": str(staging["score"])},
+                    part_schemas, key)))
+
+    try:
+        must_force = force
+        if not must_force:
+            tokens = {_partition_token(p) for p in outputs.values()}
+            # The three partitions are committed one after the other; if a run stopped between
+            # commits (or a partition was deleted) they disagree, and the job must be redone.
+            must_force = len(tokens) != 1 or None in tokens
+        res = run_stage(cat.root, "embed_clip", dataset, source, outputs["image"], expand, parameters,
+                        workers=workers, beam_args=beam_args, force=must_force)
+        if not res.skipped:
+            commit_dir(staging["text"], outputs["text"])
+            commit_dir(staging["score"], outputs["score"])
+    finally:
+        cat.clean_staging(extra_run)
+    image_result = _result_from_stage(res, f"{key}-image", dim, digest, outputs["image"])
+    text_result = _result_from_stage(res, f"{key}-text", dim, digest, outputs["text"])
+    return ClipEmbeddingResult(dataset, image_result, text_result, str(outputs["score"]),
+                               clip_score_stats(outputs["score"]))
+
+
+def clip_score_stats(partition: Path) -> dict[str, float | int]:
+    table = pq.read_table(partition, columns=["clip_score"])
+    scores = table.column("clip_score").drop_null().to_numpy()
+    if len(scores) == 0:
+        return {"n": 0}
+    return {"n": int(len(scores)), "mean": float(scores.mean()), "min": float(scores.min()),
+            "max": float(scores.max()), "median": float(np.median(scores))}
+
+
+def read_embeddings(partition: Path) -> tuple[list[str], np.ndarray]:
+    """All (sample_ids, float32 (n, dim)) of an embeddings partition, in shard order."""
+    from pipeline.index.faiss_index import arrow_to_vectors
+
+    ids: list[str] = []
+    parts: list[np.ndarray] = []
+    for shard in input_shards(partition):
+        table = pq.read_table(shard, columns=["sample_id", "embedding"])
+        ids.extend(table.column("sample_id").to_pylist())
+        parts.append(arrow_to_vectors(table.column("embedding"), what=f"{shard}:embedding"))
+    dims = {p.shape[1] for p in parts if len(p)}
+    dim = dims.pop() if dims else 0
+    vectors = np.concatenate(parts) if parts else np.empty((0, dim), dtype=np.float32)
+    return ids, vectors
+
+
+__all__ = [
+    "CLIP_SCORE_SCHEMA",
+    "ClipEmbeddingResult",
+    "EmbeddingResult",
+    "conversation_text",
+    "read_embedding_metadata",
+    "read_embeddings",
+    "run_clip_embedding",
+    "run_text_embedding",
+    "text_model_key",
+]
