@@ -103,3 +103,22 @@ def test_select_cabs_writes_a_plan(tmp_path, capsys):
     assert report["cabs"]["distinct_concepts"] > report["iid"]["distinct_concepts"]
     assert "CABS" in capsys.readouterr().out
     assert main(["select", "cabs", "--input", str(src), "--superbatch", "1000", "--out", str(out)]) == 2
+
+
+def test_select_gais_on_a_feature_table(tmp_path, capsys):
+    from sklearn.datasets import load_wine
+
+    d = load_wine()
+    cols = {n: d.data[:, i] for i, n in enumerate(d.feature_names)}
+    src = tmp_path / "wine.parquet"
+    pq.write_table(pa.table({**cols, "target": d.target, "sample_id": [f"w{i}" for i in range(len(d.target))]}), src)
+    out = tmp_path / "gais.parquet"
+    assert main(["select", "gais", "--input", str(src), "--label-column", "target", "--variant", "minibatch",
+                 "--reduction", "0.9", "--out", str(out)]) == 0
+    rows = pq.read_table(out).to_pylist()
+    assert [r["index"] for r in rows] == list(range(178)) and rows[5]["sample_id"] == "w5"
+    kept = {c: sum(r["selected"] for r in rows if r["label"] == c) for c in ("0", "1", "2")}
+    assert all(k >= 1 for k in kept.values()) and abs(sum(kept.values()) - 178 * 0.1) <= 3
+    report = json.loads(out.with_suffix(".report.json").read_text())["report"]
+    assert report["per_class_counts"] == kept
+    assert main(["select", "gais", "--input", str(src), "--label-column", "nope", "--out", str(out)]) == 2

@@ -45,11 +45,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--out", required=True, help="PLAN.parquet: step, position, sample_id, gain")
 
 
+    g = sub.add_parser("gais", help="GAIS graph-attention instance selection over labelled features")
+    g.add_argument("--input", required=True, help="a Parquet table, or a catalog dataset as CATALOG#DATASET")
+    g.add_argument("--label-column", required=True, help="class column (catalog: a samples column or 'tag')")
+    g.add_argument("--features", help="a list<float> column or comma-separated numeric columns (default: all numeric)")
+    g.add_argument("--embeddings", help="catalog input: embedding model folder to use as features")
+    g.add_argument("--kind", choices=["instruction", "image_text"], default="instruction")
+    g.add_argument("--variant", choices=["minibatch", "hash", "multilevel", "multiview", "knn"], default="multilevel")
+    g.add_argument("--reduction", type=float, default=0.96)
+    g.add_argument("--scoring", choices=["same_class", "other_class", "all"], default="same_class")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-scale", action="store_true", help="features are already scaled")
+    g.add_argument("--out", required=True, help="OUT.parquet: index, sample_id, label, score, selected")
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.algorithm == "mig":
         return _mig(args)
     if args.algorithm == "cabs":
         return _cabs(args)
+    if args.algorithm == "gais":
+        return _gais(args)
     raise ValueError(f"unknown algorithm {args.algorithm}")
 
 
@@ -89,4 +105,25 @@ def _cabs(args: argparse.Namespace) -> int:
     out = cabs_plan.write_plan(table, report, args.out, params)
     print("\n".join(report.lines()))
     print(f"wrote {table.num_rows} rows to {out}")
+    return 0
+
+
+def _gais(args: argparse.Namespace) -> int:
+    from pipeline.curate import gais_table
+
+    if "#" in args.input and not Path(args.input).exists():
+        if not args.embeddings:
+            raise ValueError("a catalog input needs --embeddings MODEL (the features)")
+        catalog, dataset = args.input.rsplit("#", 1)
+        inst = gais_table.instances_from_catalog(catalog, dataset, args.label_column, args.embeddings, args.kind)
+    else:
+        inst = gais_table.instances_from_table(args.input, args.label_column, args.features)
+    table, report = gais_table.run(inst, args.variant, args.reduction, args.scoring, args.seed,
+                                   scale=not args.no_scale)
+    params = {k: getattr(args, k) for k in ("input", "label_column", "features", "embeddings", "variant",
+                                            "reduction", "scoring", "seed")}
+    out = gais_table.write(table, report, args.out, params)
+    print(f"GAIS-{args.variant} ({args.scoring}): kept {report['selected']:,} of {report['n']:,} "
+          f"(reduction {report['achieved_reduction']:.3f}) in {report['timings'].get('total_s', 0):.1f} s")
+    print(f"wrote {out}")
     return 0
