@@ -1,0 +1,74 @@
+"""thresher embed: the embedding Beam job (sentence-transformers text or open_clip image+caption)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.commands import add_catalog_argument
+
+NAME = "embed"
+HELP = "embed a dataset's samples (a Beam job with RunInference; unknown --flags go to Beam)"
+PASSES_EXTRA_ARGS = True
+
+DEFAULT_CLIP_MODEL = "ViT-B-32"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_catalog_argument(p)
+    p.add_argument("--dataset", required=True, help="dataset partition to embed")
+    p.add_argument("--kind", choices=["instruction", "image_text"], default=None,
+                   help="sample kind (default: the one the dataset has)")
+    p.add_argument("--model", default=None,
+                   help="instruction: sentence-transformers folder or cached name (default: bundled "
+                        "all-MiniLM-L6-v2); image_text: open_clip architecture (default: ViT-B-32; "
+                        "thresher-tiny-vit is a tiny test config)")
+    p.add_argument("--pretrained", default=None,
+                   help="image_text: a pretrained tag already in the local cache (e.g. laion2b_s34b_b79k) "
+                        "or a local checkpoint file; omitted = seeded random weights")
+    p.add_argument("--name", default=None, help="embeddings folder name (default: derived from model/weights)")
+    p.add_argument("--batch-size", type=int, default=64, help="inference batch size")
+    p.add_argument("--max-chars", type=int, default=None,
+                   help="instruction: characters of each conversation to embed (default: 4 x model max tokens)")
+    p.add_argument("--seed", type=int, default=0, help="image_text with random weights: init seed")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=1, help="in-process Beam workers (processes)")
+    p.add_argument("--force", action="store_true", help="re-embed even if inputs, weights and settings are unchanged")
+
+
+def detect_kind(catalog: str, dataset: str) -> str:
+    from pipeline.io.catalog import Catalog
+
+    cat = Catalog.at(catalog)
+    present = [k for k in ("instruction", "image_text") if cat.samples_partition(k, dataset).is_dir()]
+    if not present:
+        raise FileNotFoundError(f"dataset {dataset!r} has no samples in {cat.root}; run `thresher ingest` first")
+    if len(present) > 1:
+        raise ValueError(f"dataset {dataset!r} has both instruction and image_text samples; pass --kind")
+    return present[0]
+
+
+def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    kind = args.kind or detect_kind(args.catalog, args.dataset)
+    if kind == "instruction":
+        if args.pretrained:
+            raise ValueError("--pretrained applies to image_text (open_clip) models; for text pass --model FOLDER")
+        from pipeline.embed.stage import run_text_embedding
+
+        result = run_text_embedding(args.catalog, args.dataset, args.model, batch_size=args.batch_size,
+                                    workers=args.workers, force=args.force, name=args.name,
+                                    max_chars=args.max_chars, device=args.device, beam_args=beam_args)
+        print(result.summary())
+        return 0
+    from pipeline.embed.stage import run_clip_embedding
+
+    model = args.model or DEFAULT_CLIP_MODEL
+    if args.pretrained is None:
+        print(f"thresher embed: warning: no --pretrained given, so {model} runs with random weights "
+              f"(seed {args.seed}); the vectors only exercise the plumbing. Pass a cached tag or a "
+              "checkpoint file for meaningful embeddings.", file=sys.stderr)
+    result = run_clip_embedding(args.catalog, args.dataset, model, args.pretrained, batch_size=args.batch_size,
+                                workers=args.workers, force=args.force, name=args.name, seed=args.seed,
+                                device=args.device, beam_args=beam_args)
+    print(result.summary())
+    return 0
