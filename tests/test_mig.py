@@ -143,6 +143,19 @@ def test_padded_and_csr_scoring_give_identical_runs() -> None:
     np.testing.assert_array_equal(a.gains, b.gains)
 
 
+@pytest.mark.parametrize("hot_size", [1, 3, 17, 100])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_small_heap_tier_matches_oracle(hot_size: int, seed: int) -> None:
+    # A heap smaller than the pool forces bounds through the cold tier and many refills.
+    labels, scores, W = zipf_pool(20 + seed, 200, 30, duplicates=30, empty=5, zero_scores=5)
+    config = MIGConfig(phi="exp", phi_alpha=0.2) if seed else MIGConfig()
+    ehat = propagated_vectors(labels, scores, W, config)
+    ours = greedy_select(ehat, 200, config, padded_bytes=seed << 20, hot_size=hot_size)
+    oracle = oracle_for(labels, scores, W, 200, config)
+    assert ours.picks.tolist() == oracle.picks
+    np.testing.assert_array_equal(ours.gains, np.asarray(oracle.gains))
+
+
 def test_larger_pool_against_oracle_and_lazy_saves_work() -> None:
     labels, scores, W = zipf_pool(11, 1500, 120, duplicates=60, empty=10, zero_scores=10,
                                   round_scores=False)

@@ -371,12 +371,20 @@ def greedy_select(
     budget: int,
     config: MIGConfig = MIGConfig(),
     padded_bytes: int = 1 << 30,
+    hot_size: int = 1 << 16,
 ) -> MIGResult:
     """Exact lazy greedy on precomputed propagated vectors ê (see the module docstring).
 
     ê must be non-negative; ``propagated_vectors`` builds it from labels, scores and W.
-    ``padded_bytes``: memory allowed for a padded copy of ê that speeds up re-scoring (same
-    results either way; 0 disables it).
+    ``padded_bytes``: memory allowed for a padded copy of ê that speeds up re-scoring.
+    ``hot_size``: entries kept in the heap; the rest wait in numpy arrays. Neither changes
+    the result, only the speed.
+
+    The bounds live in two tiers: a heap holding every entry whose bound is >= a threshold
+    theta, and "cold" numpy arrays holding the entries below it. A fresh heap top is >= theta
+    > every cold bound, so it is the true maximum. When the heap runs dry, theta drops to the
+    ``hot_size``-th largest cold bound and those entries move into the heap. A small heap is
+    cache-resident and cheap to pop, and low re-scored bounds skip the heap entirely.
     """
     started = time.perf_counter()
     ehat = sp.csr_matrix(ehat, dtype=np.float64)
@@ -385,6 +393,8 @@ def greedy_select(
         ehat.sort_indices()
     n, k = ehat.shape
     budget = _check_budget(budget, n)
+    if hot_size < 1:
+        raise ValueError(f"hot_size must be >= 1, got {hot_size}.")
     indptr = ehat.indptr.astype(np.int64, copy=False)
     indices, data = ehat.indices, ehat.data
     if data.size and (not np.all(np.isfinite(data)) or data.min() < 0.0):
@@ -398,14 +408,32 @@ def greedy_select(
         return MIGResult(picks, gains, X, dataset_information(X, config), 0, ehat,
                          {"greedy": time.perf_counter() - started})
 
-    initial = all_gains(ehat, dphi)
-    evaluations = n
     shift = max(1, (n - 1).bit_length())
     mask = (1 << shift) - 1
-    # Sorted ascending keys already satisfy the heap invariant.
-    order = np.lexsort((np.arange(n), -initial))
-    heap = [((_TOP_BITS - b) << shift) | j for b, j in zip(_gain_bits(initial[order]), order.tolist())]
-    del order, initial
+    heap: list[int] = []
+    cold_rows: list[np.ndarray] = [np.arange(n, dtype=np.int64)]
+    cold_bounds: list[np.ndarray] = [all_gains(ehat, dphi)]
+    evaluations = n
+    theta = math.inf
+
+    def refill() -> float:
+        rows = np.concatenate(cold_rows)
+        bounds = np.concatenate(cold_bounds)
+        if rows.shape[0] > hot_size:
+            cut = float(np.partition(bounds, rows.shape[0] - hot_size)[rows.shape[0] - hot_size])
+            move = bounds >= cut  # equal bounds move together, so every cold bound is < cut
+        else:
+            cut = -1.0  # everything is hot; gains are >= 0
+            move = np.ones(rows.shape[0], dtype=bool)
+        heap.extend(((_TOP_BITS - b) << shift) | j
+                    for b, j in zip(_gain_bits(bounds[move]), rows[move].tolist()))
+        heapq.heapify(heap)
+        keep = ~move
+        cold_rows[:] = [rows[keep]]
+        cold_bounds[:] = [bounds[keep]]
+        return cut
+
+    theta = refill()
     # X changes only when a pick has a non-zero entry; bounds scored at the current version are
     # exact, so picking an empty or zero-score sample invalidates nothing.
     version = 0
@@ -426,6 +454,8 @@ def greedy_select(
     for t in range(budget):
         batch_size = min_batch
         while True:
+            if not heap:
+                theta = refill()
             top = heap[0]
             if scored_at[top & mask] == version:
                 break
@@ -435,11 +465,18 @@ def greedy_select(
             for key in popped:
                 if scored_at[key & mask] == version:
                     heappush(heap, key)
-            fresh = score(dphi, np.array(stale, dtype=np.int64))
+            rows = np.array(stale, dtype=np.int64)
+            fresh = score(dphi, rows)
             evaluations += len(stale)
-            for g, j in zip(_gain_bits(fresh), stale):
+            for j in stale:
                 scored_at[j] = version
+            hot = fresh >= theta
+            for g, j in zip(_gain_bits(fresh[hot]), rows[hot].tolist()):
                 heappush(heap, ((_TOP_BITS - g) << shift) | j)
+            if not hot.all():
+                cold = ~hot
+                cold_rows.append(rows[cold])
+                cold_bounds.append(fresh[cold])
             batch_size = min(batch_size * 2, max_batch)
         heappop(heap)
         i = top & mask
