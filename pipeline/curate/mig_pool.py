@@ -64,17 +64,27 @@ def pool_from_xsample(path: str | Path) -> Pool:
                 str(path), {"skipped_without_annotations": xs.skipped})
 
 
-def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", quality: str = "auto") -> Pool:
+def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", quality: str = "auto",
+                      near_duplicates: str | None = None) -> Pool:
     """Samples of ``dataset`` with labels from annotator ``tags`` and scores from ``quality``.
 
     ``auto`` prefers the annotations the input carried (``input_tags`` / ``input_quality``), then
     the offline annotators. Samples without tags get an empty label set; without a score, 0.
+    With ``near_duplicates`` (an annotator such as ``near_dup_<model>``), samples that annotation
+    marks as not kept leave the pool, so MIG never spends budget on a near-copy.
     """
     cat = Catalog.at(catalog)
     samples = cat.samples_partition("instruction", dataset)
     if not samples.is_dir():
         raise FileNotFoundError(f"no instruction samples for dataset {dataset!r} in {cat.root}")
     ids = sorted(pq.read_table(samples, columns=["sample_id"]).column("sample_id").to_pylist())
+    dropped = 0
+    if near_duplicates:
+        part = _annotation(cat, dataset, near_duplicates, (near_duplicates,))
+        nd = pq.read_table(part, columns=["sample_id", "keep"])
+        removed = {s for s, k in zip(nd.column("sample_id").to_pylist(), nd.column("keep").to_pylist()) if not k}
+        dropped = sum(1 for s in ids if s in removed)
+        ids = [s for s in ids if s not in removed]
     tag_part = _annotation(cat, dataset, tags, ("input_tags", "offline_tags", "llm_tags"))
     q_part = _annotation(cat, dataset, quality, ("input_quality", "offline_quality", "llm_quality"))
     tag_rows = pq.read_table(tag_part, columns=["sample_id", "tags"]).to_pylist()
@@ -85,7 +95,8 @@ def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", qua
     scores = np.array([float(by_id_score.get(s, 0.0)) for s in ids], dtype=np.float64)
     notes = {"tags_from": tag_part.parent.name, "quality_from": q_part.parent.name,
              "without_tags": sum(1 for s in ids if s not in by_id_tags),
-             "without_score": sum(1 for s in ids if s not in by_id_score)}
+             "without_score": sum(1 for s in ids if s not in by_id_score),
+             "near_duplicates_excluded": dropped}
     return Pool(ids, labels, scores, np.arange(len(ids)), f"{cat.root}#{dataset}", notes)
 
 

@@ -1,0 +1,93 @@
+"""Image-text exports: WebDataset tar shards in batch-plan order, curated Parquet, a manifest.
+
+Each tar member group is ``<key>.<ext>`` (the image bytes exactly as ingested), ``<key>.txt``
+(the caption) and ``<key>.json`` (sample id, step, position, gain, concepts), which is what
+open_clip's WebDataset loader reads (``--train-data 'shard-{00000..N}.tar'`` with the default
+``jpg;png;jpeg;webp`` / ``txt`` keys). Keys are ``<step>_<position>`` so that the tar order is
+the training order of the plan; members carry a fixed mtime so the same plan gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
+
+_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: str | Path,
+                samples_per_shard: int = 1000, concepts: str | None = None) -> dict[str, Any]:
+    """Write the samples of ``plan`` (step, position, sample_id, gain) as WebDataset shards."""
+    cat = Catalog.at(catalog)
+    samples = cat.samples_partition("image_text", dataset)
+    if not samples.is_dir():
+        raise FileNotFoundError(f"no image-text samples for dataset {dataset!r} in {cat.root}")
+    plan_table = pq.read_table(plan)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    con.register("plan", plan_table)
+    con.read_parquet(str(samples / "*.parquet")).create_view("s")
+    concept_part = None
+    for name in ([concepts] if concepts else ["input_concepts", "caption_concepts", "clip_concepts"]):
+        part = cat.annotation_partition(name, dataset)
+        if part.is_dir() and any(part.glob("*.parquet")):
+            concept_part = part
+            break
+    if concept_part is not None:
+        con.read_parquet(str(concept_part / "*.parquet")).project("sample_id, concepts").create_view("c")
+    else:
+        con.register("c", pa.table({"sample_id": pa.array([], pa.string()),
+                                    "concepts": pa.array([], pa.list_(pa.struct([("concept", pa.string()),
+                                                                                ("count", pa.int32())])))}))
+    rel = con.sql("""
+        SELECT p.step, p.position, p.sample_id, p.gain, s.caption, s.image, s.image_format,
+               s.width, s.height, s.source_uri, c.concepts
+        FROM plan p JOIN s USING (sample_id) LEFT JOIN c USING (sample_id)
+        ORDER BY p.step, p.position""")
+    rows = (rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()).to_pylist()
+    missing = plan_table.num_rows - len(rows)
+    shards: list[str] = []
+    for start in range(0, len(rows), samples_per_shard):
+        name = f"shard-{len(shards):05d}.tar"
+        tmp = out_dir / f".{name}.tmp"
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for r in rows[start:start + samples_per_shard]:
+                key = f"{r['step']:06d}_{r['position']:06d}"
+                ext = _EXT.get(r["image_format"] or "", "img")
+                _member(tar, f"{key}.{ext}", r["image"])
+                _member(tar, f"{key}.txt", (r["caption"] or "").encode("utf-8"))
+                meta = {"sample_id": r["sample_id"], "step": r["step"], "position": r["position"],
+                        "gain": r["gain"], "width": r["width"], "height": r["height"],
+                        "concepts": [{"concept": c["concept"], "count": c["count"]} for c in r["concepts"] or []]}
+                _member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+        os.replace(tmp, out_dir / name)
+        shards.append(name)
+    curated = pa.Table.from_pylist([{k: r[k] for k in ("step", "position", "sample_id", "gain", "caption",
+                                                       "image_format", "width", "height", "source_uri")}
+                                    for r in rows]) if rows else pa.table({})
+    if rows:
+        write_parquet_atomic(curated, out_dir / "curated.parquet")
+    manifest = {"dataset": dataset, "plan": str(plan), "shards": shards, "samples": len(rows),
+                "missing_from_dataset": missing, "steps": len({r["step"] for r in rows}),
+                "concepts_from": concept_part.parent.name if concept_part else None, "catalog": str(cat.root)}
+    write_json_atomic(manifest, out_dir / "manifest.json")
+    return manifest
