@@ -53,7 +53,8 @@ from pipeline.index.faiss_index import (
 from pipeline.index.semdedup import semdedup
 from pipeline.io.catalog import Catalog, commit_dir, shard_name, write_json_atomic, write_parquet_atomic
 
-SOURCE_FILE = "source.json"  # next to the index: which embeddings (and weights) it was built from
+SOURCE_FILE = "source.json"
+PQ_TRAIN_POINTS = 100_000  # spec_for_kind: training rows for a PQ index (all rows when fewer)  # next to the index: which embeddings (and weights) it was built from
 
 NEAR_DUP_SCHEMA = pa.schema(
     [
@@ -152,6 +153,9 @@ def spec_for_kind(n: int, d: int, kind: str, *, metric: str = "ip", seed: int = 
     train = min(n, TRAIN_POINTS_PER_LIST * nlist)
     extra: dict[str, Any] = {}
     if kind == "ivf_pq":
+        # PQ codebooks (2**nbits centroids per sub-space) want far more points than the coarse
+        # lists do, so small collections train on everything and shrink nbits to fit.
+        train = min(n, max(train, PQ_TRAIN_POINTS))
         extra = {"pq_m": default_pq_m(d), "pq_nbits": max(1, min(8, int(math.log2(max(train, 2)))))}
     return IndexSpec(kind=kind, metric=metric, nlist=nlist, nprobe=nprobe, train_sample=train,  # type: ignore[arg-type]
                      seed=seed, **extra)
