@@ -37,6 +37,9 @@ _VIEW_FILES = {
     "tags": ("annotations/*_tags/*/*.parquet", schemas.TAG_ANNOTATIONS),
     "quality": ("annotations/*_quality/*/*.parquet", schemas.QUALITY_ANNOTATIONS),
     "concepts": ("annotations/*_concepts/*/*.parquet", schemas.CONCEPT_ANNOTATIONS),
+    "selections": ("selections/*/*.parquet", schemas.SELECTIONS),
+    "curated": ("curated/*/*.parquet", schemas.CURATED_INSTRUCTIONS),
+    "near_duplicates": ("annotations/near_dup_*/*/*.parquet", None),
     "runs": ("runs/*.json", None),
 }
 
@@ -56,17 +59,20 @@ def connect(catalog: str | Path, extra_views: dict[str, str] | None = None) -> d
         if glob.glob(str(root / pattern)):
             con.execute(f"CREATE VIEW {name} AS {(views / f'{name}.sql').read_text()}")
         else:
-            con.register(f"_empty_{name}", _empty(schema))
+            con.register(f"_empty_{name}", _empty(name, schema))
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM _empty_{name}")
     for name, relation_sql in (extra_views or {}).items():
         con.execute(f"CREATE VIEW {name} AS {relation_sql}")
     return con
 
 
-def _empty(schema: pa.Schema | None) -> pa.Table:
-    if schema is None:
+def _empty(name: str, schema: pa.Schema | None) -> pa.Table:
+    if name == "runs":
         return pa.table({k: pa.array([], pa.string()) for k in schemas.RUN_LEDGER_KEYS})
-    return schema.append(pa.field("dataset", pa.string())).empty_table()
+    if schema is None:  # a table with no schemas/ entry yet: an empty view with just the key
+        return pa.table({"sample_id": pa.array([], pa.string()), "dataset": pa.array([], pa.string())})
+    extra = {"selections": "selection", "curated": "curated"}.get(name, "dataset")
+    return schema.append(pa.field(extra, pa.string())).empty_table()
 
 
 def named_queries() -> dict[str, Path]:
