@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.curate import annotations
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 from pipeline.select import batch_metrics
 from pipeline.select.cabs_sampler import as_concept_table, iter_plan
@@ -24,9 +25,6 @@ PLAN_SCHEMA = pa.schema(
     metadata={"thresher.schema": "cabs_plan", "thresher.schema_version": "1"},
 )
 
-CONCEPT_SOURCES = ("input_concepts", "caption_concepts", "clip_concepts")
-
-
 @dataclass
 class ConceptPool:
     sample_ids: list[str]
@@ -34,19 +32,22 @@ class ConceptPool:
     source: str
 
 
-def concepts_from_catalog(catalog: str | Path, dataset: str, source: str = "auto") -> ConceptPool:
-    """Concept lists of every image-text sample of ``dataset`` (samples without any: empty)."""
+def concepts_from_catalog(catalog: str | Path, dataset: str, source: str = "auto",
+                          near_duplicates: str | None = None) -> ConceptPool:
+    """Concept lists of every image-text sample of ``dataset`` (samples without any: empty).
+
+    With ``near_duplicates`` (e.g. ``near_dup_<model>``) near-copies leave the pool.
+    """
     cat = Catalog.at(catalog)
     samples = cat.samples_partition("image_text", dataset)
     if not samples.is_dir():
         raise FileNotFoundError(f"no image-text samples for dataset {dataset!r} in {cat.root}")
     ids = sorted(pq.read_table(samples, columns=["sample_id"]).column("sample_id").to_pylist())
-    names = CONCEPT_SOURCES if source == "auto" else (source,)
-    part = next((p for p in (cat.annotation_partition(n, dataset) for n in names)
-                 if p.is_dir() and any(p.glob("*.parquet"))), None)
-    if part is None:
-        raise FileNotFoundError(f"dataset {dataset!r} has no {' / '.join(names)} annotations; run "
-                                "`thresher concepts annotate` first")
+    if near_duplicates:
+        removed = annotations.near_copies(cat, dataset, near_duplicates)
+        ids = [s for s in ids if s not in removed]
+    part = annotations.require(cat, dataset, source, annotations.CONCEPT_SOURCES,
+                               "run `thresher concepts annotate` first")
     rows = pq.read_table(part, columns=["sample_id", "concepts"]).to_pylist()
     by_id = {r["sample_id"]: [c["concept"] for c in r["concepts"] or [] for _ in range(max(1, c["count"] or 1))]
              for r in rows}

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.curate import annotations
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 
 GAIS_SCHEMA = pa.schema(
@@ -69,10 +70,8 @@ def instances_from_catalog(catalog: str | Path, dataset: str, label_column: str,
     vectors = pq.read_table(emb).sort_by("sample_id")
     ids = vectors.column("sample_id").to_pylist()
     if label_column == "tag":
-        part = next((cat.annotation_partition(n, dataset) for n in ("input_tags", "offline_tags", "llm_tags")
-                     if cat.annotation_partition(n, dataset).is_dir()), None)
-        if part is None:
-            raise FileNotFoundError(f"dataset {dataset!r} has no tag annotations for --label-column tag")
+        part = annotations.require(cat, dataset, "auto", annotations.TAG_SOURCES,
+                                   "run `thresher annotate tags` first for --label-column tag")
         rows = pq.read_table(part, columns=["sample_id", "tags"]).to_pylist()
         by_id = {r["sample_id"]: (r["tags"][0]["tag"] if r["tags"] else "untagged") for r in rows}
     else:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
+from pipeline.curate import annotations
 from pipeline.io.catalog import Catalog, commit_dir, shard_name, write_json_atomic, write_parquet_atomic
 
 EXPORT_FORMATS = ("sharegpt", "alpaca", "openai", "parquet")
@@ -35,14 +36,6 @@ class CuratedResult:
     missing: int  # picks whose sample is not in the dataset (reported, never silently dropped)
 
 
-def _latest(cat: Catalog, dataset: str, names: tuple[str, ...]) -> Path | None:
-    for n in names:
-        part = cat.annotation_partition(n, dataset)
-        if part.is_dir() and any(part.glob("*.parquet")):
-            return part
-    return None
-
-
 def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Path, name: str,
                              algorithm: str = "mig", rows_per_shard: int = 50_000,
                              parameters: dict[str, Any] | None = None) -> CuratedResult:
@@ -55,8 +48,8 @@ def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Pat
     for col in ("rank", "sample_id", "gain"):
         if col not in picks_table.column_names:
             raise ValueError(f"{picks} has no column {col!r}; expected the output of `thresher select`")
-    tags = _latest(cat, dataset, ("input_tags", "offline_tags", "llm_tags"))
-    quality = _latest(cat, dataset, ("input_quality", "offline_quality", "llm_quality"))
+    tags = annotations.find(cat, dataset, annotations.TAG_SOURCES)
+    quality = annotations.find(cat, dataset, annotations.QUALITY_SOURCES)
     con = duckdb.connect()
     con.register("picks", picks_table)
     # Relations from the Python API: paths are arguments, never spliced into SQL text.

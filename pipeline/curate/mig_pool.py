@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.curate import annotations
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 from pipeline.select import label_graph as lg
 from pipeline.select import mig
@@ -80,13 +81,12 @@ def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", qua
     ids = sorted(pq.read_table(samples, columns=["sample_id"]).column("sample_id").to_pylist())
     dropped = 0
     if near_duplicates:
-        part = _annotation(cat, dataset, near_duplicates, (near_duplicates,))
-        nd = pq.read_table(part, columns=["sample_id", "keep"])
-        removed = {s for s, k in zip(nd.column("sample_id").to_pylist(), nd.column("keep").to_pylist()) if not k}
+        removed = annotations.near_copies(cat, dataset, near_duplicates)
         dropped = sum(1 for s in ids if s in removed)
         ids = [s for s in ids if s not in removed]
-    tag_part = _annotation(cat, dataset, tags, ("input_tags", "offline_tags", "llm_tags"))
-    q_part = _annotation(cat, dataset, quality, ("input_quality", "offline_quality", "llm_quality"))
+    hint = "run `thresher annotate` first (or pass an xsample JSONL file)"
+    tag_part = annotations.require(cat, dataset, tags, annotations.TAG_SOURCES, hint)
+    q_part = annotations.require(cat, dataset, quality, annotations.QUALITY_SOURCES, hint)
     tag_rows = pq.read_table(tag_part, columns=["sample_id", "tags"]).to_pylist()
     by_id_tags = {r["sample_id"]: [t["tag"] for t in r["tags"] or []] for r in tag_rows}
     q = pq.read_table(q_part, columns=["sample_id", "score"]).to_pylist()
@@ -98,16 +98,6 @@ def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", qua
              "without_score": sum(1 for s in ids if s not in by_id_score),
              "near_duplicates_excluded": dropped}
     return Pool(ids, labels, scores, np.arange(len(ids)), f"{cat.root}#{dataset}", notes)
-
-
-def _annotation(cat: Catalog, dataset: str, name: str, preference: tuple[str, ...]) -> Path:
-    names = preference if name == "auto" else (name,)
-    for n in names:
-        part = cat.annotation_partition(n, dataset)
-        if part.is_dir() and any(part.glob("*.parquet")):
-            return part
-    raise FileNotFoundError(f"dataset {dataset!r} has no {' / '.join(names)} annotations; run "
-                            f"`thresher annotate` first (or pass an xsample JSONL file)")
 
 
 @dataclass

@@ -20,6 +20,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.curate import annotations
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
@@ -46,12 +47,7 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
     con = duckdb.connect()
     con.register("plan", plan_table)
     con.read_parquet(str(samples / "*.parquet")).create_view("s")
-    concept_part = None
-    for name in ([concepts] if concepts else ["input_concepts", "caption_concepts", "clip_concepts"]):
-        part = cat.annotation_partition(name, dataset)
-        if part.is_dir() and any(part.glob("*.parquet")):
-            concept_part = part
-            break
+    concept_part = annotations.find(cat, dataset, (concepts,) if concepts else annotations.CONCEPT_SOURCES)
     if concept_part is not None:
         con.read_parquet(str(concept_part / "*.parquet")).project("sample_id, concepts").create_view("c")
     else:
