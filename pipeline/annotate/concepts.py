@@ -220,13 +220,11 @@ class CaptionConceptMatcher:
                                     False, False, how))
         out = []
         for m in sorted(mentions, key=lambda m: (m.start, m.end)):
-            if not (self._countable_name(m) or m.negated) and m.start in negated_attrs:
+            # An attribute read on the way back from a negated noun belongs to that noun's phrase.
+            if m.category in UNCOUNTABLE_CATEGORIES and m.start in negated_attrs:
                 m = Mention(m.concept, m.category, m.start, m.end, m.text, 0, m.plural, False, True, m.how)
             out.append(m)
         return out
-
-    def _countable_name(self, m: Mention) -> bool:
-        return m.category not in UNCOUNTABLE_CATEGORIES
 
     def _quantity(self, tokens: list[str], start: int, plural: bool,
                   attr_start: dict[int, int]) -> tuple[int, bool, bool, list[int]]:
