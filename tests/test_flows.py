@@ -74,3 +74,27 @@ def test_deployment_carries_specs_and_schedule(tmp_path):
     spec_file.write_text(json.dumps([{"dataset": "x", "inputs": [], "colour": "red"}]))
     with pytest.raises(ValueError, match="unknown fields"):
         load_specs(spec_file)
+
+
+def test_curate_image_text_flow_end_to_end(tmp_path, demo_data):
+    import tarfile
+
+    from flows.curate_image_text import curate_image_text
+    from pipeline.embed.clip import TINY_MODEL, register_tiny_config
+
+    register_tiny_config()
+    spec = IngestSpec("nlvr", [str(demo_data / "image_text" / "nlvr_dev")], kind="image_text", container="nlvr")
+    out = curate_image_text(spec, str(tmp_path / "cat"), model_name=TINY_MODEL, superbatch=50,
+                            filter_ratio=0.8, steps=3)
+    assert out["ingest"]["counts"]["samples"] == 117
+    assert out["concepts"]["rows_out"] == 117
+    plan = out["plan"]
+    assert plan["batch"] == 10 and plan["steps"] == 3
+    assert plan["cabs"]["distinct_concepts"] >= plan["iid"]["distinct_concepts"]
+    export = out["export"]
+    assert export["samples"] == 30 and export["missing_from_dataset"] == 0
+    with tarfile.open(tmp_path / "cat" / "exports" / "nlvr_cabs_dm" / export["shards"][0]) as tar:
+        names = tar.getnames()
+    assert len(names) == 90 and {n.rsplit(".", 1)[1] for n in names} == {"png", "txt", "json"}
+    views = query.run_query(tmp_path / "cat", "SELECT count(*) AS n FROM concepts").to_pylist()
+    assert views == [{"n": 117}]
