@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -80,6 +81,8 @@ class RssSampler:
 class Stage:
     name: str
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # user+sys of this process: less sensitive to other load than wall time
+    load_avg: float = 0.0  # 1-minute load average at the end: how shared the machine was
     peak_rss_gib: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -93,12 +96,16 @@ def stage(name: str) -> Iterator[Stage]:
     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
     with RssSampler() as rss:
         t0 = time.perf_counter()
+        c0 = time.process_time()
         yield record
         record.seconds = time.perf_counter() - t0
+        record.cpu_seconds = time.process_time() - c0
     record.peak_rss_gib = rss.peak / GIB
+    record.load_avg = os.getloadavg()[0]
     STAGES.append(record)
     extra = ", ".join(f"{k}={v}" for k, v in record.extra.items())
-    print(f"    {record.seconds:9.2f} s   peak RSS {record.peak_rss_gib:5.2f} GiB   {extra}", flush=True)
+    print(f"    {record.seconds:9.2f} s wall  {record.cpu_seconds:9.2f} s cpu  load {record.load_avg:4.1f}  "
+          f"peak RSS {record.peak_rss_gib:5.2f} GiB   {extra}", flush=True)
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 sweep.append({"nprobe": nprobe, "median_s": round(med, 4), "recall_at_10": round(recall_at_k(pos, exact_pos), 4),
                               "speedup_vs_exact": round(exact_med / med, 2)})
                 print(f"    nprobe={nprobe:4d}  {med:7.3f} s  recall@10={sweep[-1]['recall_at_10']:.4f}  "
-                      f"{exact_med / med:6.1f}x faster than exact", flush=True)
+                      f"speedup vs exact {exact_med / med:6.1f}x", flush=True)
             ivf.tune(nprobe=base)
     del flat
 
@@ -299,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             "all_pairs_full_s_EXTRAPOLATED": round(naive_extrapolated, 1),
             "speedup_vs_extrapolated_all_pairs": round(naive_extrapolated / dedup_s, 2),
         },
-        "stages": [{"name": s.name, "seconds": round(s.seconds, 2), "peak_rss_gib": round(s.peak_rss_gib, 2), **s.extra}
+        "stages": [{"name": s.name, "seconds": round(s.seconds, 2), "cpu_seconds": round(s.cpu_seconds, 2),
+                    "load_avg": round(s.load_avg, 2), "peak_rss_gib": round(s.peak_rss_gib, 2), **s.extra}
                    for s in STAGES],
         "peak_rss_gib": round(peak_gib, 2),
     }
@@ -312,17 +320,17 @@ def main(argv: list[str] | None = None) -> int:
           f"-> {kn['subsample_speedup']}x; IVF search recall@10 {ivf_sub_recall:.4f}")
     print(f"full graph: IVF ivf_lists {ivf_graph_s:.1f} s (measured once), recall@10 on the subsample "
           f"{graph_recall:.4f}")
-    print(f"            IVF per-row search {search_graph_extrapolated:.1f} s (EXTRAPOLATED) -> ivf_lists "
-          f"{kn['full_graph_speedup_vs_extrapolated_ivf_search']}x faster")
-    print(f"            exact (flat) {exact_graph_extrapolated:.1f} s (EXTRAPOLATED) -> ivf_lists "
-          f"{kn['full_graph_speedup_vs_extrapolated_exact']}x faster")
+    print(f"            IVF per-row search {search_graph_extrapolated:.1f} s (EXTRAPOLATED) -> speedup of "
+          f"ivf_lists {kn['full_graph_speedup_vs_extrapolated_ivf_search']}x")
+    print(f"            exact (flat) {exact_graph_extrapolated:.1f} s (EXTRAPOLATED) -> speedup of "
+          f"ivf_lists {kn['full_graph_speedup_vs_extrapolated_exact']}x")
     print("\n=== semantic dedup ===")
     print(f"semdedup {dedup_s:.1f} s (k-means {rep.kmeans_seconds:.1f} s into {rep.n_clusters} clusters, "
           f"pairs {rep.pairs_seconds:.1f} s): {rep.n_groups} groups, {rep.n_removed} removed, histogram {rep.group_size_histogram}")
     print(f"planted pairs grouped: {planted_found:.4f} of {len(copies)}; exact pairs >= {args.threshold} touching "
           f"the subsample: {len(pr)}, recovered {pair_recall:.4f}")
     print(f"all-pairs baseline: {naive_med:.3f} s for {len(sub)} rows -> {naive_extrapolated:.1f} s for all "
-          f"(EXTRAPOLATED) -> semdedup is {dd['speedup_vs_extrapolated_all_pairs']}x faster")
+          f"(EXTRAPOLATED) -> speedup of semdedup {dd['speedup_vs_extrapolated_all_pairs']}x")
     print(f"\npeak RSS (ru_maxrss) {peak_gib:.2f} GiB; per stage above")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

@@ -176,11 +176,18 @@ def test_ivf_lists_method_with_every_list_probed_is_exact(metric: str) -> None:
     lists = knn_graph(ivf, k=6, method="ivf_lists", list_probes=12, batch_size=7)
     same_rows(lists, exact, 6)
     assert not (lists.src == lists.dst).any()
-    # the default probes (spec.nprobe = 2 of 12 lists) is approximate, and "auto" chooses lists
+    # the default probes (spec.nprobe = 2 of 12 lists) is approximate; with 125 rows per list
+    # on average "auto" chooses the list method
     auto = knn_graph(ivf, x, k=6)
     np.testing.assert_array_equal(auto.dst, knn_graph(ivf, k=6, method="ivf_lists").dst)
     hit = np.mean([len(np.intersect1d(a, b)) / 6 for a, b in zip(auto.dst.reshape(-1, 6), exact.dst.reshape(-1, 6))])
     assert 0.6 < hit < 1.0
+
+
+def test_auto_uses_per_row_search_when_lists_are_short() -> None:
+    x = random_vectors(1000, 8, seed=13)
+    ivf = build_index(x, spec=IndexSpec(kind="ivf_flat", nlist=20, nprobe=3, train_sample=1000))  # 50 rows/list
+    np.testing.assert_array_equal(knn_graph(ivf, x, k=4).dst, knn_graph(ivf, x, k=4, method="search").dst)
 
 
 def test_ivf_lists_refuses_other_index_kinds() -> None:
