@@ -559,6 +559,10 @@ def _attach_orphans(
     loop always ends.
     """
     n = X.shape[0]
+    if min_neighbors > k:
+        raise ValueError(
+            f"min_neighbors ({min_neighbors}) cannot exceed k ({k}): a fallback adds at most k"
+        )
     need = min(max(min_neighbors, 1), n - 1)
     degree = np.bincount(src, minlength=n)
     orphans = np.flatnonzero(degree < need)
