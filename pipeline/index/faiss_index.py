@@ -649,6 +649,7 @@ class FaissIndex:
         self.info = info
         self.on_gpu = on_gpu
         self._direct_map_ready = False
+        self._cpu_copy: faiss.Index | None = None if on_gpu else index
         set_search_params(index, on_gpu, kind=spec.kind, nprobe=spec.nprobe, ef_search=spec.ef_search)
 
     @property
@@ -719,11 +720,14 @@ class FaissIndex:
         stop = min(stop, self.n)
         if start < 0 or start > stop:
             raise ValueError(f"bad row range [{start}, {stop}) for an index of {self.n} rows")
-        cpu = index_to_cpu(self.index, self.on_gpu) if self.on_gpu else self.index
+        if self._cpu_copy is None:
+            # GPU indexes cannot reconstruct rows: keep one CPU copy for all batches
+            self._cpu_copy = index_to_cpu(self.index, self.on_gpu)
+        cpu = self._cpu_copy
         ivf = faiss.try_extract_index_ivf(cpu)
         if ivf is not None and not self._direct_map_ready:
             ivf.make_direct_map()  # IVF lists are not in row order without it
-            self._direct_map_ready = not self.on_gpu
+            self._direct_map_ready = True
         return cpu.reconstruct_n(start, stop - start)
 
     # ---------------------------------------------------------------- persistence
