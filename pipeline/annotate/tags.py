@@ -1,0 +1,485 @@
+"""Offline InsTag-style instruction tagging, and the tool that cleans a tag vocabulary.
+
+The vocabulary (``tag_vocab.tsv`` beside this module) holds several hundred fine-grained intention
+tags (tasks, skills, domains, formats) written for the kinds of data Thresher ingests: P3/T0
+prompts, self-instruct tasks, code generation, maths word problems, role-play, tool use, chat.
+Each line is ``tag<TAB>description<TAB>[rule<TAB>...]``.
+
+:class:`OfflineTagger` combines two kinds of evidence:
+
+- **embedding similarity**: the user turns of a conversation (head and tail, because P3-style
+  prompts put the passage first and the question last) and every tag's ``"tag: description"``
+  are embedded with the offline MiniLM; the top-k tags whose cosine clears a threshold are
+  proposed, with a confidence that rises linearly with the cosine between two set points;
+- **deterministic rules**: regular expressions on the user turns, the assistant turns or both.
+  An ``add`` rule emits its tag whatever the embedding says (a ```python fence means Python);
+  its confidence combines the rule's with the embedding's by noisy-OR. A ``boost`` rule only
+  raises the tag's cosine, for cues that make a tag likelier without settling it. Two
+  structural rules live in code: several user turns -> ``multi-turn dialogue``; a long user
+  message -> ``long input text``.
+
+:func:`consolidate_tags` is the InsTag-style clean-up for tag sets produced elsewhere (an LLM
+tagger, or tags carried by the input): normalise (lower-case, lemmatise with ``simplemma``),
+merge near-duplicates (string ratio > 0.92 or embedding cosine > 0.95), drop rare tags, and
+report every merge and drop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+DEFAULT_TAG_VOCABULARY = Path(__file__).resolve().with_name("tag_vocab.tsv")
+TAGGER_VERSION = "1"
+
+Embedder = Callable[[Sequence[str]], np.ndarray]
+
+_RULE_PREFIX = re.compile(r"^(?:(add|boost)(?:/(user|response|any))?|(user|response|any)):")
+
+MULTI_TURN_TAG = "multi-turn dialogue"
+LONG_INPUT_TAG = "long input text"
+
+
+# ---------------------------------------------------------------- vocabulary file
+
+
+@dataclass(frozen=True)
+class TagRule:
+    mode: str  # "add" | "boost"
+    scope: str  # "user" | "response" | "any"
+    pattern: re.Pattern
+
+    @classmethod
+    def parse(cls, cell: str, where: str) -> "TagRule":
+        m = _RULE_PREFIX.match(cell)
+        mode, scope, body = "add", "user", cell
+        if m:
+            mode = m.group(1) or "add"
+            scope = m.group(2) or m.group(3) or "user"
+            body = cell[m.end():]
+        if not body:
+            raise ValueError(f"{where}: empty rule {cell!r}")
+        try:
+            pattern = re.compile(body)
+        except re.error as exc:
+            raise ValueError(f"{where}: rule {body!r} is not a valid regular expression ({exc})") from exc
+        return cls(mode, scope, pattern)
+
+
+@dataclass(frozen=True)
+class TagEntry:
+    tag: str
+    description: str
+    rules: tuple[TagRule, ...] = ()
+
+    @property
+    def embedding_text(self) -> str:
+        return f"{self.tag}: {self.description}"
+
+
+@dataclass(frozen=True)
+class TagVocabulary:
+    entries: tuple[TagEntry, ...]
+    digest: str  # sha256 of the file text: part of a stage's parameters
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def tags(self) -> list[str]:
+        return [e.tag for e in self.entries]
+
+    def index(self, tag: str) -> int:
+        for i, e in enumerate(self.entries):
+            if e.tag == tag:
+                return i
+        raise KeyError(f"tag {tag!r} is not in the vocabulary")
+
+
+def parse_tag_vocabulary(text: str, origin: str = "<text>") -> TagVocabulary:
+    entries: list[TagEntry] = []
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.rstrip("\r\n")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        cells = line.split("\t")
+        where = f"{origin}:{lineno}"
+        tag, description = cells[0].strip(), (cells[1].strip() if len(cells) > 1 else "")
+        if not tag or not description:
+            raise ValueError(f"{where}: expected 'tag<TAB>description[<TAB>rule...]', got {line[:80]!r}")
+        if tag in seen:
+            raise ValueError(f"{where}: tag {tag!r} is already defined on line {seen[tag]}")
+        seen[tag] = lineno
+        rules = tuple(TagRule.parse(c.strip(), where) for c in cells[2:] if c.strip())
+        entries.append(TagEntry(tag, description, rules))
+    if not entries:
+        raise ValueError(f"{origin} defines no tags")
+    return TagVocabulary(tuple(entries), hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def load_tag_vocabulary(path: str | Path | None = None) -> TagVocabulary:
+    """The shipped vocabulary, or a TSV file in the same format."""
+    p = Path(path) if path is not None else DEFAULT_TAG_VOCABULARY
+    if not p.is_file():
+        raise FileNotFoundError(f"tag vocabulary {p} does not exist; pass a TSV of tag<TAB>description[<TAB>rule]")
+    return parse_tag_vocabulary(p.read_text(encoding="utf-8"), str(p))
+
+
+# ---------------------------------------------------------------- the tagger
+
+
+@dataclass(frozen=True)
+class TaggerConfig:
+    top_k: int = 5  # embedding proposals per sample
+    threshold: float = 0.32  # cosine an embedding proposal must reach
+    max_tags: int = 10
+    min_tags: int = 1  # keep the best embedding tag even below threshold when nothing else fired
+    rule_confidence: float = 0.9
+    boost: float = 0.08  # added to the cosine of a tag whose boost rule matched
+    sim_floor: float = 0.15  # cosine at which embedding confidence is 0
+    sim_ceiling: float = 0.65  # cosine at which it is 1
+    head_chars: int = 250
+    tail_chars: int = 300
+    long_input_chars: int = 1500
+    rule_text_chars: int = 6000  # regexes read at most this much of each side (head and tail)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TagPrediction:
+    tag: str
+    confidence: float
+    source: str  # "embedding" | "rule" | "embedding+rule" | "structure"
+
+    def as_row(self) -> dict:
+        return {"tag": self.tag, "confidence": float(self.confidence)}
+
+
+def user_text(messages: Sequence[dict]) -> str:
+    return "\n".join(m.get("content") or "" for m in messages if m.get("role") == "user")
+
+
+def assistant_text(messages: Sequence[dict]) -> str:
+    return "\n".join(m.get("content") or "" for m in messages if m.get("role") == "assistant")
+
+
+def head_and_tail(text: str, head: int, tail: int) -> str:
+    text = text.strip()
+    if len(text) <= head + tail:
+        return text
+    return text[:head].rstrip() + " … " + text[-tail:].lstrip()
+
+
+def _clip_for_rules(text: str, limit: int) -> str:
+    return text if len(text) <= 2 * limit else text[:limit] + "\n" + text[-limit:]
+
+
+def _unit(x: float) -> float:
+    return min(1.0, max(0.0, x))
+
+
+class OfflineTagger:
+    """Tags conversations with the vocabulary; one embedding batch per :meth:`tag_many` call."""
+
+    def __init__(self, vocabulary: TagVocabulary | None = None, embedder: Embedder | None = None,
+                 config: TaggerConfig = TaggerConfig(), batch_size: int = 64):
+        self.vocabulary = vocabulary or load_tag_vocabulary()
+        self.config = config
+        self.batch_size = batch_size
+        self._embedder = embedder
+        self._tag_vectors: np.ndarray | None = None
+        self._rules = [(i, r) for i, e in enumerate(self.vocabulary.entries) for r in e.rules]
+        self._multi_turn = self._optional_index(MULTI_TURN_TAG)
+        self._long_input = self._optional_index(LONG_INPUT_TAG)
+
+    def _optional_index(self, tag: str) -> int | None:
+        try:
+            return self.vocabulary.index(tag)
+        except KeyError:
+            return None
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        if self._embedder is None:
+            from pipeline.embed.sentence import embed_texts, load_sentence_embedder
+
+            model = load_sentence_embedder()
+            self._embedder = lambda xs: embed_texts(model, xs, batch_size=self.batch_size)
+        out = np.asarray(self._embedder(texts), dtype=np.float32)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    @property
+    def tag_vectors(self) -> np.ndarray:
+        if self._tag_vectors is None:
+            self._tag_vectors = self._embed([e.embedding_text for e in self.vocabulary.entries])
+        return self._tag_vectors
+
+    def similarities(self, conversations: Sequence[Sequence[dict]]) -> np.ndarray:
+        """Cosine of every conversation's user text with every tag: shape (n, n_tags)."""
+        c = self.config
+        texts = [head_and_tail(user_text(m), c.head_chars, c.tail_chars) or " " for m in conversations]
+        if not texts:
+            return np.zeros((0, len(self.vocabulary)), dtype=np.float32)
+        return self._embed(texts) @ self.tag_vectors.T
+
+    def rule_matches(self, messages: Sequence[dict]) -> tuple[set[int], set[int]]:
+        """(indices of tags added by rules, indices boosted) for one conversation."""
+        limit = self.config.rule_text_chars
+        texts = {"user": _clip_for_rules(user_text(messages), limit),
+                 "response": _clip_for_rules(assistant_text(messages), limit)}
+        texts["any"] = texts["user"] + "\n" + texts["response"]
+        added: set[int] = set()
+        boosted: set[int] = set()
+        for i, rule in self._rules:
+            target = added if rule.mode == "add" else boosted
+            if i in target:
+                continue
+            if rule.pattern.search(texts[rule.scope]):
+                target.add(i)
+        n_user = sum(1 for m in messages if m.get("role") == "user")
+        if self._multi_turn is not None and n_user >= 2:
+            added.add(self._multi_turn)
+        if self._long_input is not None and len(texts["user"]) >= self.config.long_input_chars:
+            added.add(self._long_input)
+        return added, boosted
+
+    def _confidence(self, cosine: float) -> float:
+        c = self.config
+        return _unit((cosine - c.sim_floor) / (c.sim_ceiling - c.sim_floor))
+
+    def _predict(self, messages: Sequence[dict], sims: np.ndarray) -> list[TagPrediction]:
+        c = self.config
+        added, boosted = self.rule_matches(messages)
+        sims = sims.astype(np.float64, copy=True)
+        if boosted:
+            sims[list(boosted)] += c.boost
+        structural = {self._multi_turn, self._long_input} - {None}
+        order = np.argsort(-sims, kind="stable")[: c.top_k]
+        proposed = [int(i) for i in order if sims[i] >= c.threshold]
+        if not proposed and not added and c.min_tags > 0 and len(order):
+            proposed = [int(order[0])]
+        out: dict[int, TagPrediction] = {}
+        for i in proposed:
+            out[i] = TagPrediction(self.vocabulary.entries[i].tag, self._confidence(sims[i]), "embedding")
+        for i in added:
+            emb = self._confidence(sims[i]) if sims[i] >= c.threshold else 0.0
+            conf = 1.0 if i in structural else 1.0 - (1.0 - c.rule_confidence) * (1.0 - emb)
+            source = "structure" if i in structural else ("embedding+rule" if i in out else "rule")
+            out[i] = TagPrediction(self.vocabulary.entries[i].tag, conf, source)
+        ranked = sorted(out.values(), key=lambda p: (-p.confidence, p.tag))
+        return ranked[: c.max_tags]
+
+    def tag_many(self, conversations: Sequence[Sequence[dict]]) -> list[list[TagPrediction]]:
+        sims = self.similarities(conversations)
+        return [self._predict(m, sims[k]) for k, m in enumerate(conversations)]
+
+    def tag(self, messages: Sequence[dict]) -> list[TagPrediction]:
+        return self.tag_many([messages])[0]
+
+
+# ---------------------------------------------------------------- vocabulary clean-up
+
+
+def normalize_tag(tag: str) -> str:
+    """Lower-case, ASCII-fold punctuation to spaces, lemmatise each word (English)."""
+    import simplemma
+
+    text = unicodedata.normalize("NFKC", tag).lower()
+    # Keep the symbols that name things (c++, c#, .net); everything else separates words.
+    text = re.sub(r"[^\w+#.]+", " ", text).strip(" .")
+    words = [w.strip(".") for w in text.split()]
+    return " ".join(simplemma.lemmatize(w, lang="en") if w.isalpha() else w for w in words if w)
+
+
+@dataclass
+class TagMerge:
+    kept: str
+    merged: str
+    reason: str  # "fuzzy" | "embedding"
+    score: float
+
+
+@dataclass
+class TagVocabReport:
+    n_raw_tags: int  # distinct input spellings
+    n_occurrences: int
+    n_normalised: int  # distinct after normalisation
+    n_kept: int
+    normalised: dict[str, str]  # raw -> normalised, only where they differ
+    merges: list[TagMerge]
+    dropped: dict[str, int]  # canonical tag -> its total count, below min_frequency
+    mapping: dict[str, str | None]  # raw -> canonical tag (None: dropped)
+    counts: dict[str, int]  # kept canonical tag -> total count
+    parameters: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary_lines(self, examples: int = 15) -> list[str]:
+        lines = [
+            f"{self.n_raw_tags:,} distinct input tags ({self.n_occurrences:,} occurrences)",
+            f"normalisation (lower-case, lemmatise): {self.n_raw_tags:,} -> {self.n_normalised:,} "
+            f"({len(self.normalised):,} spellings changed)",
+            f"near-duplicate merges: {len(self.merges):,} "
+            f"(fuzzy {sum(m.reason == 'fuzzy' for m in self.merges):,}, "
+            f"embedding {sum(m.reason == 'embedding' for m in self.merges):,})",
+            f"dropped below frequency {self.parameters.get('min_frequency')}: {len(self.dropped):,}",
+            f"kept: {self.n_kept:,} tags",
+        ]
+        for m in self.merges[:examples]:
+            lines.append(f"  merge  {m.merged!r} -> {m.kept!r}  ({m.reason} {m.score:.3f})")
+        if len(self.merges) > examples:
+            lines.append(f"  ... {len(self.merges) - examples:,} more merges")
+        for tag, n in sorted(self.dropped.items(), key=lambda kv: (kv[1], kv[0]))[:examples]:
+            lines.append(f"  drop   {tag!r} (count {n})")
+        if len(self.dropped) > examples:
+            lines.append(f"  ... {len(self.dropped) - examples:,} more drops")
+        return lines
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> bool:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return False
+        self.parent[rb] = ra
+        return True
+
+
+def _fuzzy_pairs(names: list[str], threshold: float, block: int = 1024) -> Iterable[tuple[int, int, float]]:
+    from rapidfuzz import fuzz
+    from rapidfuzz.process import cdist
+
+    cutoff = threshold * 100.0
+    for start in range(0, len(names), block):
+        scores = cdist(names[start:start + block], names, scorer=fuzz.ratio, dtype=np.float32,
+                       score_cutoff=cutoff)
+        rows, cols = np.nonzero(scores > cutoff)
+        for r, col in zip(rows.tolist(), cols.tolist()):
+            i = start + r
+            if i < col:
+                yield i, col, float(scores[r, col]) / 100.0
+
+
+def _embedding_pairs(names: list[str], threshold: float, embedder: Embedder,
+                     block: int = 2048) -> Iterable[tuple[int, int, float]]:
+    vectors = np.asarray(embedder(names), dtype=np.float32)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    for start in range(0, len(names), block):
+        sims = vectors[start:start + block] @ vectors.T
+        rows, cols = np.nonzero(sims > threshold)
+        for r, col in zip(rows.tolist(), cols.tolist()):
+            i = start + r
+            if i < col:
+                yield i, col, float(sims[r, col])
+
+
+def consolidate_tags(
+    tags: Mapping[str, int] | Iterable[str],
+    min_frequency: int = 1,
+    fuzzy_threshold: float = 0.92,
+    embed_threshold: float = 0.95,
+    embedder: Embedder | None | bool = None,
+) -> TagVocabReport:
+    """Normalise, merge near-duplicates and drop rare tags; say what was done.
+
+    ``tags``: tag -> count, or an iterable of tag occurrences. ``embedder``: texts -> vectors
+    (the offline MiniLM when None; ``False`` skips the embedding merge). A merged group is named
+    by its most frequent member (then the shortest, then alphabetical).
+    """
+    raw_counts: Counter[str] = Counter()
+    if isinstance(tags, Mapping):
+        for t, n in tags.items():
+            if int(n) < 0:
+                raise ValueError(f"tag {t!r} has a negative count {n}")
+            raw_counts[str(t)] += int(n)
+    else:
+        raw_counts.update(str(t) for t in tags)
+    raw_counts = Counter({t: n for t, n in raw_counts.items() if t.strip()})
+    normalised = {t: normalize_tag(t) for t in raw_counts}
+    norm_counts: Counter[str] = Counter()
+    for t, n in raw_counts.items():
+        if normalised[t]:
+            norm_counts[normalised[t]] += n
+    names = sorted(norm_counts)
+    uf = _UnionFind(len(names))
+    merges_raw: list[tuple[int, int, str, float]] = []
+    for i, j, s in _fuzzy_pairs(names, fuzzy_threshold):
+        if uf.union(i, j):
+            merges_raw.append((i, j, "fuzzy", s))
+    if embedder is not False and len(names) > 1:
+        if embedder is None or embedder is True:
+            from pipeline.embed.sentence import embed_texts, load_sentence_embedder
+
+            model = load_sentence_embedder()
+            embedder = lambda xs: embed_texts(model, xs)  # noqa: E731
+        for i, j, s in _embedding_pairs(names, embed_threshold, embedder):
+            if uf.union(i, j):
+                merges_raw.append((i, j, "embedding", s))
+    groups: dict[int, list[int]] = {}
+    for i in range(len(names)):
+        groups.setdefault(uf.find(i), []).append(i)
+    canonical_of: dict[str, str] = {}
+    group_count: dict[str, int] = {}
+    for members in groups.values():
+        best = min(members, key=lambda k: (-norm_counts[names[k]], len(names[k]), names[k]))
+        for k in members:
+            canonical_of[names[k]] = names[best]
+        group_count[names[best]] = sum(norm_counts[names[k]] for k in members)
+    merges = []
+    for i, j, reason, score in merges_raw:
+        kept = canonical_of[names[i]]
+        merged = names[j] if names[j] != kept else names[i]
+        merges.append(TagMerge(kept, merged, reason, round(score, 4)))
+    dropped = {t: n for t, n in group_count.items() if n < min_frequency}
+    counts = {t: n for t, n in sorted(group_count.items(), key=lambda kv: (-kv[1], kv[0])) if t not in dropped}
+    mapping: dict[str, str | None] = {}
+    for t in raw_counts:
+        canon = canonical_of.get(normalised[t])
+        mapping[t] = canon if canon is not None and canon not in dropped else None
+    return TagVocabReport(
+        n_raw_tags=len(raw_counts), n_occurrences=sum(raw_counts.values()), n_normalised=len(names),
+        n_kept=len(counts), normalised={t: n for t, n in normalised.items() if t != n}, merges=merges,
+        dropped=dropped, mapping=mapping, counts=counts,
+        parameters={"min_frequency": min_frequency, "fuzzy_threshold": fuzzy_threshold,
+                    "embed_threshold": embed_threshold if embedder is not False else None},
+    )
+
+
+def read_tag_list(path: str | Path) -> Counter[str]:
+    """Tags from a text file: one occurrence per line, or ``tag<TAB>count`` lines."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"tag list {p} does not exist")
+    counts: Counter[str] = Counter()
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        if "\t" in line:
+            tag, _, n = line.partition("\t")
+            try:
+                counts[tag.strip()] += int(n.strip())
+            except ValueError:
+                raise ValueError(f"{p}:{lineno}: expected 'tag<TAB>count', the count {n!r} is not an integer") from None
+        else:
+            counts[line.strip()] += 1
+    return counts
