@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from pipeline.beam.ingest import _dedup
 src, out, shards = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 t0 = time.perf_counter()
 rows_in, by_shard, rejects = 0, defaultdict(list), []
-for unit in plan_units([src], "instruction"):
+for unit in plan_units(src.split(","), "instruction"):
     for chunk in read_chunks(unit):
         rows_in += chunk.rows_in
         parsed = parse_chunk(chunk)
@@ -65,9 +66,23 @@ logging.disable(logging.WARNING)
 from pipeline.beam.ingest import run_ingest
 src, out, shards, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 t0 = time.perf_counter()
-r = run_ingest([src], out, "bench", num_shards=shards, workers=workers, force=True)
+r = run_ingest(src.split(","), out, "bench", num_shards=shards, workers=workers, force=True)
 c = r.counts
 print("RESULT", c["rows_in"], c["samples"], c["duplicates"], c["rejects"], time.perf_counter() - t0)
+"""
+
+# The runner's fixed cost: the same runner mode on a trivial pipeline (for multi-processing this
+# is mostly starting the SDK worker processes, each importing Beam).
+STARTUP = r"""
+import logging, sys, time
+logging.disable(logging.WARNING)
+import apache_beam as beam
+from pipeline.beam.runner import make_pipeline_options, run_pipeline
+workers = int(sys.argv[1])
+t0 = time.perf_counter()
+run_pipeline(lambda p: p | beam.Create([1, 2]) | beam.Reshuffle() | beam.Map(lambda x: (x % 2, x))
+             | beam.GroupByKey(), make_pipeline_options(workers))
+print("RESULT 0 0 0 0", time.perf_counter() - t0)
 """
 
 
@@ -107,10 +122,19 @@ def main() -> int:
     ap.add_argument("--input", type=Path, default=DEFAULT_INPUT)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--copies", type=int, default=1,
+                    help="ingest K copies of the input (K x the rows; copies are duplicates)")
     args = ap.parse_args()
     if not args.input.exists():
         print(f"input {args.input} not found (the shared data folder sits beside the repo)", file=sys.stderr)
         return 2
+    links = tempfile.TemporaryDirectory()
+    inputs = [str(args.input)]
+    for k in range(1, args.copies):
+        link = Path(links.name) / f"copy{k}-{args.input.name}"
+        shutil.copyfile(args.input, link)  # a real copy: symlinks resolve to one input
+        inputs.append(str(link))
+    src = ",".join(inputs)
     configs = [("plain loop (1 process)", PLAIN_LOOP, []),
                ("Beam in-process (1 worker)", BEAM_JOB, ["1"]),
                ("Beam multi-processing (2 workers)", BEAM_JOB, ["2"])]
@@ -118,10 +142,15 @@ def main() -> int:
     for rep in range(args.repeats):
         for name, code, extra in configs:  # interleaved, so machine noise hits every config alike
             with tempfile.TemporaryDirectory() as tmp:
-                results[name].append(_run(code, [str(args.input), tmp, str(args.shards), *extra]))
-    print(f"input: {args.input} ({args.input.stat().st_size / 2**20:.1f} MiB), {args.repeats} repeats, "
-          f"{args.shards} shards; wall time inside each process (imports excluded)")
-    print(f"{'config':<36}{'rows in':>9}{'samples':>9}{'median s':>10}{'rows/s':>10}{'peak RSS MiB':>14}")
+                results[name].append(_run(code, [src, tmp, str(args.shards), *extra]))
+    startup = {w: statistics.median(_run(STARTUP, [str(w)])[0]["seconds"] for _ in range(args.repeats))
+               for w in (1, 2)}
+    print(f"input: {args.input} x {args.copies} ({args.copies * args.input.stat().st_size / 2**20:.1f} MiB), "
+          f"{args.repeats} repeats, {args.shards} shards; wall time inside each process (imports excluded)")
+    print(f"runner start-up (trivial pipeline, median): in-process {startup[1]:.2f} s, "
+          f"2 worker processes {startup[2]:.2f} s")
+    print(f"{'config':<36}{'rows in':>9}{'samples':>9}{'median s':>10}{'rows/s':>10}"
+          f"{'rows/s w/o start-up':>21}{'peak RSS MiB':>14}")
     summary = {}
     for name, runs in results.items():
         counts = runs[0][0]
@@ -130,7 +159,10 @@ def main() -> int:
         rate = counts["rows_in"] / med
         summary[name] = rate
         assert all(r["samples"] == counts["samples"] for r, _ in runs), "runs disagree on the output"
-        print(f"{name:<36}{counts['rows_in']:>9,}{counts['samples']:>9,}{med:>10.2f}{rate:>10,.0f}{peak:>14,.0f}")
+        fixed = 0.0 if name.startswith("plain") else startup[2 if "2 workers" in name else 1]
+        steady = counts["rows_in"] / max(med - fixed, 1e-9)
+        print(f"{name:<36}{counts['rows_in']:>9,}{counts['samples']:>9,}{med:>10.2f}{rate:>10,.0f}"
+              f"{steady:>21,.0f}{peak:>14,.0f}")
     base = summary["plain loop (1 process)"]
     for name, rate in summary.items():
         print(f"ratio {name} / plain loop: {rate / base:.2f}x")
