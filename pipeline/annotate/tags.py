@@ -290,15 +290,19 @@ class OfflineTagger:
 # ---------------------------------------------------------------- vocabulary clean-up
 
 
+def clean_tag(tag: str) -> str:
+    """Lower-case, punctuation to spaces, single spaces: the readable form a merged group is named by."""
+    text = unicodedata.normalize("NFKC", tag).lower().replace("_", " ")
+    # Keep the symbols that name things (c++, c#, .net); everything else separates words.
+    text = re.sub(r"[^\w+#.]+", " ", text)
+    return " ".join(w.strip(".") for w in text.split() if w.strip("."))
+
+
 def normalize_tag(tag: str) -> str:
-    """Lower-case, ASCII-fold punctuation to spaces, lemmatise each word (English)."""
+    """:func:`clean_tag`, then every word lemmatised (English): the key near-duplicates are found by."""
     import simplemma
 
-    text = unicodedata.normalize("NFKC", tag).lower()
-    # Keep the symbols that name things (c++, c#, .net); everything else separates words.
-    text = re.sub(r"[^\w+#.]+", " ", text).strip(" .")
-    words = [w.strip(".") for w in text.split()]
-    return " ".join(simplemma.lemmatize(w, lang="en") if w.isalpha() else w for w in words if w)
+    return " ".join(simplemma.lemmatize(w, lang="en") if w.isalpha() else w for w in clean_tag(tag).split())
 
 
 @dataclass
@@ -315,7 +319,7 @@ class TagVocabReport:
     n_occurrences: int
     n_normalised: int  # distinct after normalisation
     n_kept: int
-    normalised: dict[str, str]  # raw -> normalised, only where they differ
+    normalised: dict[str, str]  # raw -> lemma key, only where they differ
     merges: list[TagMerge]
     dropped: dict[str, int]  # canonical tag -> its total count, below min_frequency
     mapping: dict[str, str | None]  # raw -> canonical tag (None: dropped)
@@ -404,7 +408,8 @@ def consolidate_tags(
 
     ``tags``: tag -> count, or an iterable of tag occurrences. ``embedder``: texts -> vectors
     (the offline MiniLM when None; ``False`` skips the embedding merge). A merged group is named
-    by its most frequent member (then the shortest, then alphabetical).
+    by its most frequent spelling (lower-cased; then the shortest, then alphabetical); near-duplicates
+    are found among lemma keys (:func:`normalize_tag`).
     """
     raw_counts: Counter[str] = Counter()
     if isinstance(tags, Mapping):
@@ -438,18 +443,27 @@ def consolidate_tags(
     groups: dict[int, list[int]] = {}
     for i in range(len(names)):
         groups.setdefault(uf.find(i), []).append(i)
-    canonical_of: dict[str, str] = {}
+    # A group is named by its most frequent readable spelling, not by its lemma key
+    # ("step by step reasoning", not "step by step reason").
+    surface: dict[str, Counter[str]] = {}
+    for t, n in raw_counts.items():
+        if normalised[t]:
+            surface.setdefault(normalised[t], Counter())[clean_tag(t)] += n
+    canonical_of: dict[str, str] = {}  # lemma key -> group name
     group_count: dict[str, int] = {}
     for members in groups.values():
-        best = min(members, key=lambda k: (-norm_counts[names[k]], len(names[k]), names[k]))
+        forms: Counter[str] = Counter()
         for k in members:
-            canonical_of[names[k]] = names[best]
-        group_count[names[best]] = sum(norm_counts[names[k]] for k in members)
+            forms.update(surface[names[k]])
+        best = min(forms, key=lambda f: (-forms[f], len(f), f))
+        for k in members:
+            canonical_of[names[k]] = best
+        group_count[best] = sum(norm_counts[names[k]] for k in members)
     merges = []
     for i, j, reason, score in merges_raw:
         kept = canonical_of[names[i]]
-        merged = names[j] if names[j] != kept else names[i]
-        merges.append(TagMerge(kept, merged, reason, round(score, 4)))
+        a, b = surface[names[i]].most_common(1)[0][0], surface[names[j]].most_common(1)[0][0]
+        merges.append(TagMerge(kept, b if b != kept else a, reason, round(score, 4)))
     dropped = {t: n for t, n in group_count.items() if n < min_frequency}
     counts = {t: n for t, n in sorted(group_count.items(), key=lambda kv: (-kv[1], kv[0])) if t not in dropped}
     mapping: dict[str, str | None] = {}

@@ -1,0 +1,288 @@
+"""Catalog stages that tag and score instruction samples (Beam, one output shard per input shard).
+
+``run_tag_annotation`` writes ``annotations/<annotator>/dataset=<d>/`` rows of
+``schemas.TAG_ANNOTATIONS``; ``run_quality_annotation`` writes rows of
+``schemas.QUALITY_ANNOTATIONS``. Annotators:
+
+- ``offline_tags``: :class:`pipeline.annotate.tags.OfflineTagger` (MiniLM + rules);
+- ``offline_quality``: :class:`pipeline.annotate.quality.OfflineQualityScorer` (heuristics);
+- ``llm_tags`` / ``llm_quality``: :class:`pipeline.annotate.llm.LLMAnnotator` against an
+  OpenAI-compatible endpoint. Their rows carry two more columns, ``error`` and ``error_detail``
+  (null when the call succeeded), so a malformed reply or a timeout is visible per sample; the
+  schemas are :data:`LLM_TAG_ANNOTATIONS` and :data:`LLM_QUALITY_ANNOTATIONS` (supersets of the
+  shared ones; DuckDB's ``tags`` / ``quality`` views read them by column name).
+
+Annotations that came with the input (``input_tags``, ``input_quality``, written at ingest) are
+never touched: those names are refused as output folders.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import schemas
+from pipeline.annotate.llm import QUALITY_PROMPT_VERSION, TAG_PROMPT_VERSION, LLMAnnotator, LLMConfig
+from pipeline.annotate.quality import SCORER_VERSION, OfflineQualityScorer, combine_rounds
+from pipeline.annotate.tags import TAGGER_VERSION, OfflineTagger, TaggerConfig, load_tag_vocabulary
+from pipeline.beam.stage import ShardFn, StageResult, run_shard_stage
+from pipeline.io.catalog import Catalog
+
+OFFLINE_TAGS, LLM_TAGS = "offline_tags", "llm_tags"
+OFFLINE_QUALITY, LLM_QUALITY = "offline_quality", "llm_quality"
+INPUT_ANNOTATIONS = {"input_tags", "input_quality"}
+INPUT_COLUMNS = ["sample_id", "messages"]
+CHUNK_ROWS = 2048  # rows embedded together: bounds memory on big shards
+
+
+def _extend(base: pa.Schema, name: str, extra: list[pa.Field]) -> pa.Schema:
+    return pa.schema(list(base) + extra, metadata={"thresher.schema": name, "thresher.schema_version": "1"})
+
+
+_ERROR_FIELDS = [pa.field("error", pa.string(), nullable=True), pa.field("error_detail", pa.string(), nullable=True)]
+LLM_TAG_ANNOTATIONS = _extend(
+    schemas.TAG_ANNOTATIONS, "annotations_tags_llm",
+    [pa.field("explanations", pa.list_(pa.string()), nullable=True), *_ERROR_FIELDS])
+LLM_QUALITY_ANNOTATIONS = _extend(schemas.QUALITY_ANNOTATIONS, "annotations_quality_llm", _ERROR_FIELDS)
+
+
+def _chunks(table: pa.Table, size: int):
+    for start in range(0, table.num_rows, size):
+        yield table.slice(start, size)
+
+
+def _default_embedder(model: str | None, device: str | None, batch_size: int):
+    from pipeline.embed.sentence import embed_texts, load_sentence_embedder
+
+    st = load_sentence_embedder(model, device=device)
+    return lambda texts: embed_texts(st, texts, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------- shard functions
+
+
+class OfflineTagFn(ShardFn):
+    def __init__(self, annotator: str, vocabulary_path: str | None, config: TaggerConfig,
+                 embed_model: str | None = None, device: str | None = None, batch_size: int = 64):
+        self.annotator, self.vocabulary_path, self.config = annotator, vocabulary_path, config
+        self.embed_model, self.device, self.batch_size = embed_model, device, batch_size
+        self._tagger: OfflineTagger | None = None
+
+    def setup(self) -> None:
+        if self._tagger is None:
+            embedder = _default_embedder(self.embed_model, self.device, self.batch_size)
+            self._tagger = OfflineTagger(load_tag_vocabulary(self.vocabulary_path), embedder, self.config)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        self.setup()
+        rows = []
+        for chunk in _chunks(table, CHUNK_ROWS):
+            ids, messages = chunk["sample_id"].to_pylist(), chunk["messages"].to_pylist()
+            for sid, preds in zip(ids, self._tagger.tag_many(messages)):
+                rows.append({"sample_id": sid, "tags": [p.as_row() for p in preds], "annotator": self.annotator})
+        return pa.Table.from_pylist(rows, schema=schemas.TAG_ANNOTATIONS) if rows else schemas.TAG_ANNOTATIONS.empty_table()
+
+
+class OfflineQualityFn(ShardFn):
+    def __init__(self, annotator: str, embed_chars: int = 400, use_embeddings: bool = True,
+                 embed_model: str | None = None, device: str | None = None, batch_size: int = 64):
+        self.annotator, self.embed_chars, self.use_embeddings = annotator, embed_chars, use_embeddings
+        self.embed_model, self.device, self.batch_size = embed_model, device, batch_size
+        self._scorer: OfflineQualityScorer | None = None
+
+    def setup(self) -> None:
+        if self._scorer is None:
+            embedder = _default_embedder(self.embed_model, self.device, self.batch_size) if self.use_embeddings else False
+            self._scorer = OfflineQualityScorer(embedder, embed_chars=self.embed_chars)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        self.setup()
+        rows = []
+        for chunk in _chunks(table, CHUNK_ROWS):
+            ids, messages = chunk["sample_id"].to_pylist(), chunk["messages"].to_pylist()
+            for sid, result in zip(ids, self._scorer.score_many(messages)):
+                rows.append(result.row(sid, self.annotator))
+        return pa.Table.from_pylist(rows, schema=schemas.QUALITY_ANNOTATIONS) if rows else schemas.QUALITY_ANNOTATIONS.empty_table()
+
+
+class LLMTagFn(ShardFn):
+    def __init__(self, annotator: str, config: LLMConfig, cache_path: str | None):
+        self.annotator, self.config, self.cache_path = annotator, config, cache_path
+        self._llm: LLMAnnotator | None = None
+
+    def setup(self) -> None:
+        if self._llm is None:
+            self._llm = LLMAnnotator(self.config, self.cache_path)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        self.setup()
+        ids, messages = table["sample_id"].to_pylist(), table["messages"].to_pylist()
+        rows = []
+        for sid, r in zip(ids, self._llm.tag_many(messages)):
+            rows.append({"sample_id": sid, "tags": [{"tag": t.tag, "confidence": 1.0} for t in r.tags],
+                         "annotator": self.annotator, "explanations": [t.explanation for t in r.tags] if r.tags else None,
+                         "error": r.error, "error_detail": r.detail})
+        return pa.Table.from_pylist(rows, schema=LLM_TAG_ANNOTATIONS) if rows else LLM_TAG_ANNOTATIONS.empty_table()
+
+
+class LLMQualityFn(ShardFn):
+    def __init__(self, annotator: str, config: LLMConfig, cache_path: str | None):
+        self.annotator, self.config, self.cache_path = annotator, config, cache_path
+        self._llm: LLMAnnotator | None = None
+
+    def setup(self) -> None:
+        if self._llm is None:
+            self._llm = LLMAnnotator(self.config, self.cache_path)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        self.setup()
+        ids, messages = table["sample_id"].to_pylist(), table["messages"].to_pylist()
+        rows = []
+        for sid, r in zip(ids, self._llm.score_many(messages)):
+            row = {"sample_id": sid, "quality": None, "complexity": None, "score": 0.0,
+                   "quality_per_round": r.quality_per_round, "complexity_per_round": r.complexity_per_round,
+                   "annotator": self.annotator, "error": r.error, "error_detail": r.detail}
+            if r.error is None:
+                row["quality"], row["complexity"], row["score"] = combine_rounds(r.quality_per_round, r.complexity_per_round)
+            rows.append(row)
+        return pa.Table.from_pylist(rows, schema=LLM_QUALITY_ANNOTATIONS) if rows else LLM_QUALITY_ANNOTATIONS.empty_table()
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _output_name(kind: str, annotator: str, name: str | None) -> str:
+    out = name or annotator
+    if out in INPUT_ANNOTATIONS:
+        raise ValueError(f"{out!r} holds the annotations that came with the input; choose another output name")
+    if not out.endswith(f"_{kind}"):
+        raise ValueError(f"output name {out!r} must end with '_{kind}' so that the catalog's {kind} view finds it")
+    return out
+
+
+def _default_cache(cat: Catalog) -> str:
+    return str(cat.root / "cache" / "llm_annotations.sqlite")
+
+
+def _error_counts(partition: Path) -> dict[str, int]:
+    table = pq.read_table(partition, columns=["error"])
+    counts = pc.value_counts(table["error"].drop_null()).to_pylist() if table.num_rows else []
+    return {c["values"]: int(c["counts"]) for c in counts}
+
+
+def _embedder_digest(model: str | None) -> str:
+    from pipeline.embed.sentence import model_digest
+
+    try:
+        return model_digest(model)
+    except FileNotFoundError:
+        return str(model)  # a hub name in the local cache: its name is what we can record
+
+
+def run_tag_annotation(
+    catalog: str | Path,
+    dataset: str,
+    annotator: str = OFFLINE_TAGS,
+    *,
+    vocabulary: str | Path | None = None,
+    tagger_config: TaggerConfig | None = None,
+    embed_model: str | None = None,
+    device: str | None = None,
+    llm: LLMConfig | None = None,
+    cache_path: str | Path | None = None,
+    name: str | None = None,
+    workers: int = 1,
+    beam_args: list[str] | None = None,
+    force: bool = False,
+) -> StageResult:
+    """Tag every instruction sample of ``dataset``; ``annotator`` is ``offline_tags`` or ``llm_tags``."""
+    cat = Catalog.at(catalog)
+    out_name = _output_name("tags", annotator, name)
+    src = cat.samples_partition("instruction", dataset)
+    out = cat.annotation_partition(out_name, dataset)
+    if annotator == OFFLINE_TAGS:
+        config = tagger_config or TaggerConfig()
+        vocab = load_tag_vocabulary(vocabulary)  # fail early, in the driver, on a bad file
+        fn: ShardFn = OfflineTagFn(out_name, str(vocabulary) if vocabulary else None, config, embed_model, device)
+        schema = schemas.TAG_ANNOTATIONS
+        params: dict[str, Any] = {"annotator": annotator, "tagger_version": TAGGER_VERSION,
+                                  "vocabulary_digest": vocab.digest, "config": config.to_dict(),
+                                  "embedder": _embedder_digest(embed_model)}
+    elif annotator == LLM_TAGS:
+        if llm is None:
+            raise ValueError("the llm_tags annotator needs an endpoint and a model (LLMConfig)")
+        cache = str(cache_path) if cache_path else _default_cache(cat)
+        fn, schema = LLMTagFn(out_name, llm, cache), LLM_TAG_ANNOTATIONS
+        params = {"annotator": annotator, "prompt_version": TAG_PROMPT_VERSION, "llm": llm.parameters()}
+    else:
+        raise ValueError(f"unknown tag annotator {annotator!r}; choose {OFFLINE_TAGS} or {LLM_TAGS}")
+    result = run_shard_stage(cat.root, "annotate_tags", dataset, src, out, fn, schema, params,
+                             columns=INPUT_COLUMNS, workers=workers, beam_args=beam_args, force=force)
+    if annotator == LLM_TAGS and not result.skipped:
+        result.extra["errors"] = _error_counts(out)
+    return result
+
+
+def run_quality_annotation(
+    catalog: str | Path,
+    dataset: str,
+    annotator: str = OFFLINE_QUALITY,
+    *,
+    embed_chars: int = 400,
+    use_embeddings: bool = True,
+    embed_model: str | None = None,
+    device: str | None = None,
+    llm: LLMConfig | None = None,
+    cache_path: str | Path | None = None,
+    name: str | None = None,
+    workers: int = 1,
+    beam_args: list[str] | None = None,
+    force: bool = False,
+) -> StageResult:
+    """Score every instruction sample of ``dataset``; ``annotator`` is ``offline_quality`` or ``llm_quality``."""
+    cat = Catalog.at(catalog)
+    out_name = _output_name("quality", annotator, name)
+    src = cat.samples_partition("instruction", dataset)
+    out = cat.annotation_partition(out_name, dataset)
+    if annotator == OFFLINE_QUALITY:
+        fn: ShardFn = OfflineQualityFn(out_name, embed_chars, use_embeddings, embed_model, device)
+        schema = schemas.QUALITY_ANNOTATIONS
+        params: dict[str, Any] = {"annotator": annotator, "scorer_version": SCORER_VERSION,
+                                  "embed_chars": embed_chars,
+                                  "embedder": _embedder_digest(embed_model) if use_embeddings else None}
+    elif annotator == LLM_QUALITY:
+        if llm is None:
+            raise ValueError("the llm_quality annotator needs an endpoint and a model (LLMConfig)")
+        cache = str(cache_path) if cache_path else _default_cache(cat)
+        fn, schema = LLMQualityFn(out_name, llm, cache), LLM_QUALITY_ANNOTATIONS
+        params = {"annotator": annotator, "prompt_version": QUALITY_PROMPT_VERSION, "llm": llm.parameters()}
+    else:
+        raise ValueError(f"unknown quality annotator {annotator!r}; choose {OFFLINE_QUALITY} or {LLM_QUALITY}")
+    result = run_shard_stage(cat.root, "annotate_quality", dataset, src, out, fn, schema, params,
+                             columns=INPUT_COLUMNS, workers=workers, beam_args=beam_args, force=force)
+    if annotator == LLM_QUALITY and not result.skipped:
+        result.extra["errors"] = _error_counts(out)
+    return result
+
+
+def stage_summary(result: StageResult) -> str:
+    """One line for the command line."""
+    if result.skipped:
+        return f"{result.stage} {result.dataset}: unchanged since run {result.run_id}, skipped ({result.output})"
+    rate = result.rows_in / result.seconds if result.seconds > 0 else math.inf
+    line = (f"{result.stage} {result.dataset}: {result.rows_out:,} rows -> {result.output} "
+            f"in {result.seconds:.1f} s ({rate:,.0f} samples/s)")
+    if result.extra.get("errors"):
+        line += "; errors: " + ", ".join(f"{k} {v}" for k, v in sorted(result.extra["errors"].items()))
+    return line
+
+
+__all__ = [
+    "LLM_QUALITY_ANNOTATIONS", "LLM_TAG_ANNOTATIONS", "LLMQualityFn", "LLMTagFn", "OfflineQualityFn",
+    "OfflineTagFn", "run_quality_annotation", "run_tag_annotation", "stage_summary",
+]
