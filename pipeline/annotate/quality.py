@@ -339,7 +339,7 @@ class OfflineQualityScorer:
     first use); pass ``embedder=False`` to score without the on-topic feature.
     """
 
-    def __init__(self, embedder: Embedder | None | bool = None, embed_chars: int = 600, batch_size: int = 64):
+    def __init__(self, embedder: Embedder | None | bool = None, embed_chars: int = 400, batch_size: int = 64):
         self._embedder = embedder
         self.embed_chars = embed_chars
         self.batch_size = batch_size
@@ -352,7 +352,12 @@ class OfflineQualityScorer:
 
             model = load_sentence_embedder()
             self._embedder = lambda xs: embed_texts(model, xs, batch_size=self.batch_size)
-        return np.asarray(self._embedder(texts), dtype=np.float32)
+        # Instructions repeat (one prompt, several answers; templated datasets): embed each text once.
+        unique = list(dict.fromkeys(texts))
+        vectors = np.asarray(self._embedder(unique), dtype=np.float32)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        row = {t: k for k, t in enumerate(unique)}
+        return vectors[[row[t] for t in texts]]
 
     def score_many(self, conversations: Sequence[Sequence[dict]]) -> list[QualityResult]:
         all_rounds = [conversation_rounds(msgs) for msgs in conversations]

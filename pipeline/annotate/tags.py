@@ -214,9 +214,11 @@ class OfflineTagger:
 
             model = load_sentence_embedder()
             self._embedder = lambda xs: embed_texts(model, xs, batch_size=self.batch_size)
-        out = np.asarray(self._embedder(texts), dtype=np.float32)
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-12)
+        unique = list(dict.fromkeys(texts))  # templated data repeats prompts: embed each text once
+        out = np.asarray(self._embedder(unique), dtype=np.float32)
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        row = {t: k for k, t in enumerate(unique)}
+        return out[[row[t] for t in texts]]
 
     @property
     def tag_vectors(self) -> np.ndarray:
