@@ -1,0 +1,89 @@
+"""``curate_instructions``: ingest -> tags + quality -> embed -> index + near-dups -> MIG -> curate -> export.
+
+Each stage is a Prefect task (retried) around one library call; each library call is a Beam job
+or a global step that skips itself when its inputs and parameters are unchanged, so re-running
+the flow after a crash redoes only what did not finish.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+from flows.ingest import IngestSpec, ingest_task
+
+RETRIES = {"retries": 2, "retry_delay_seconds": 5}
+
+
+@task(name="annotate-tags", **RETRIES)
+def tags_task(catalog: str, dataset: str, workers: int, force: bool) -> dict[str, Any]:
+    from pipeline.annotate.instruction_stage import run_tag_annotation
+
+    return asdict(run_tag_annotation(catalog, dataset, workers=workers, force=force))
+
+
+@task(name="annotate-quality", **RETRIES)
+def quality_task(catalog: str, dataset: str, workers: int, force: bool) -> dict[str, Any]:
+    from pipeline.annotate.instruction_stage import run_quality_annotation
+
+    return asdict(run_quality_annotation(catalog, dataset, workers=workers, force=force))
+
+
+@task(name="embed-text", **RETRIES)
+def embed_task(catalog: str, dataset: str, workers: int, force: bool) -> dict[str, Any]:
+    from pipeline.embed.stage import run_text_embedding
+
+    return asdict(run_text_embedding(catalog, dataset, workers=workers, force=force))
+
+
+@task(name="index-and-near-duplicates", **RETRIES)
+def index_task(catalog: str, dataset: str, model: str, threshold: float, force: bool) -> dict[str, Any]:
+    from pipeline.index.stage import run_index_build, run_near_duplicates
+
+    index = run_index_build(catalog, dataset, model, force=force)
+    near = run_near_duplicates(catalog, dataset, model, threshold, force=force)
+    return {"index": asdict(index), "near_duplicates": asdict(near)}
+
+
+@task(name="select-mig", **RETRIES)
+def mig_task(catalog: str, dataset: str, budget: int, near_dup_annotator: str, out: str) -> dict[str, Any]:
+    from pipeline.curate import mig_pool
+    from pipeline.select.mig import MIGConfig
+
+    pool = mig_pool.pool_from_catalog(catalog, dataset, near_duplicates=near_dup_annotator)
+    table, report = mig_pool.select(pool, min(budget, len(pool.sample_ids)), MIGConfig())
+    mig_pool.write_selection(table, report, out, {"dataset": dataset, "budget": budget,
+                                                  **MIGConfig().__dict__})
+    return asdict(report)
+
+
+@task(name="curate-and-export", **RETRIES)
+def curate_task(catalog: str, dataset: str, picks: str, name: str, export_dir: str,
+                formats: list[str]) -> dict[str, Any]:
+    from pipeline.curate.materialise import export, materialise_instructions
+
+    curated = materialise_instructions(catalog, dataset, picks, name, "mig")
+    manifests = {fmt: export(catalog, name, fmt, Path(export_dir) / fmt) for fmt in formats}
+    return {"curated": asdict(curated), "exports": {k: v["rows"] for k, v in manifests.items()}}
+
+
+@flow(name="curate_instructions", log_prints=True)
+def curate_instructions(spec: IngestSpec, catalog: str, budget: int, name: str | None = None,
+                        export_formats: tuple[str, ...] = ("sharegpt", "alpaca", "openai", "parquet"),
+                        near_dup_threshold: float = 0.95, workers: int = 1, force: bool = False) -> dict[str, Any]:
+    """Curate one instruction dataset end to end; returns every stage's summary."""
+    name = name or f"{spec.dataset}_mig{budget}"
+    out: dict[str, Any] = {"ingest": ingest_task(spec, catalog, workers, None, force)}
+    out["tags"] = tags_task(catalog, spec.dataset, workers, force)
+    out["quality"] = quality_task(catalog, spec.dataset, workers, force)
+    out["embed"] = embed_task(catalog, spec.dataset, workers, force)
+    model = out["embed"]["model"]
+    out["index"] = index_task(catalog, spec.dataset, model, near_dup_threshold, force)
+    picks = str(Path(catalog) / "selections" / f"{name}.picks.parquet")
+    out["mig"] = mig_task(catalog, spec.dataset, budget, f"near_dup_{model}", picks)
+    out["curate"] = curate_task(catalog, spec.dataset, picks, name, str(Path(catalog) / "exports" / name),
+                                list(export_formats))
+    return out
