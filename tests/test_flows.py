@@ -98,3 +98,25 @@ def test_curate_image_text_flow_end_to_end(tmp_path, demo_data):
     assert len(names) == 90 and {n.rsplit(".", 1)[1] for n in names} == {"png", "txt", "json"}
     views = query.run_query(tmp_path / "cat", "SELECT count(*) AS n FROM concepts").to_pylist()
     assert views == [{"n": 117}]
+
+
+def test_curate_instructions_flow_end_to_end(tmp_path, demo_data):
+    import json
+
+    from flows.curate_instructions import curate_instructions
+
+    spec = IngestSpec("small", [str(demo_data / "instructions" / "gsm8k_train.jsonl.gz"),
+                                str(demo_data / "instructions" / "gpteacher_roleplay.json.gz")])
+    out = curate_instructions(spec, str(tmp_path / "cat"), budget=20, name="small20")
+    assert out["ingest"]["counts"]["samples"] == 210
+    assert out["tags"]["rows_out"] == out["quality"]["rows_out"] == 210
+    mig = out["mig"]
+    assert mig["budget"] == 20 and mig["information"] > mig["random_information_mean"]
+    assert mig["notes"]["tags_from"] == "offline_tags" and mig["notes"]["quality_from"] == "offline_quality"
+    assert out["curate"]["exports"] == {"sharegpt": 20, "alpaca": 20, "openai": 20, "parquet": 20}
+    curated = query.run_query(tmp_path / "cat", "SELECT rank, tags, score FROM curated ORDER BY rank").to_pylist()
+    assert [r["rank"] for r in curated] == list(range(20)) and all(r["tags"] for r in curated)
+    manifest = json.loads((tmp_path / "cat" / "exports" / "small20" / "alpaca" / "manifest.json").read_text())
+    assert manifest["rows"] == 20 and manifest["selection"]["algorithm"] == "mig"
+    again = curate_instructions(spec, str(tmp_path / "cat"), budget=20, name="small20")
+    assert again["ingest"]["skipped"] and again["mig"]["information"] == mig["information"]
