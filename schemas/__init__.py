@@ -133,6 +133,22 @@ CONCEPT_ANNOTATIONS = _schema(
 )
 
 
+# LLM annotators add why a reply could not be used (the row is kept, never dropped).
+_LLM_ERROR = [("error", pa.string()), ("error_detail", pa.string())]
+
+LLM_TAG_ANNOTATIONS = _schema(
+    "annotations_tags_llm",
+    [*((f.name, f.type) for f in TAG_ANNOTATIONS), ("explanations", pa.list_(pa.string())), *_LLM_ERROR],
+    nullable={"explanations", "error", "error_detail"},
+)
+
+LLM_QUALITY_ANNOTATIONS = _schema(
+    "annotations_quality_llm",
+    [*((f.name, f.type) for f in QUALITY_ANNOTATIONS), *_LLM_ERROR],
+    nullable={"quality", "complexity", "quality_per_round", "complexity_per_round", "error", "error_detail"},
+)
+
+
 def embedding_schema(dim: int) -> pa.Schema:
     """Vectors keyed by sample_id; the model name and weights digest live in the table metadata."""
     return _schema(
@@ -168,6 +184,25 @@ CURATED_INSTRUCTIONS = _schema(
     nullable={"tags", "score"},
 )
 
+# What `thresher select` writes (OUT.parquet), one schema per algorithm.
+MIG_PICKS = _schema(
+    "mig_picks",
+    [("rank", pa.int64()), ("index", pa.int64()), ("sample_id", pa.string()), ("gain", pa.float64()),
+     ("labels", pa.list_(pa.string()))],
+)
+
+CABS_PLAN = _schema(
+    "cabs_plan",
+    [("step", pa.int64()), ("position", pa.int64()), ("sample_id", pa.string()), ("gain", pa.float64())],
+    nullable={"gain"},  # NaN/None for picks the reference mode filled at random
+)
+
+GAIS_SELECTION = _schema(
+    "gais_selection",
+    [("index", pa.int64()), ("sample_id", pa.string()), ("label", pa.string()), ("score", pa.float64()),
+     ("selected", pa.bool_())],
+)
+
 # The run ledger is JSON (runs/<run_id>.json); this schema documents its top-level keys and lets
 # DuckDB read the ledger as a table.
 RUN_LEDGER_KEYS = (
@@ -193,5 +228,10 @@ TABLES: dict[str, pa.Schema] = {
     "annotations_quality": QUALITY_ANNOTATIONS,
     "annotations_concepts": CONCEPT_ANNOTATIONS,
     "selections": SELECTIONS,
+    "mig_picks": MIG_PICKS,
+    "cabs_plan": CABS_PLAN,
+    "gais_selection": GAIS_SELECTION,
+    "annotations_tags_llm": LLM_TAG_ANNOTATIONS,
+    "annotations_quality_llm": LLM_QUALITY_ANNOTATIONS,
     "curated_instruction": CURATED_INSTRUCTIONS,
 }

@@ -166,7 +166,8 @@ def test_reply_parsers():
 
 
 def test_llm_stages_write_rows_with_errors_and_leave_input_annotations_alone(fake_server, tmp_path):
-    from pipeline.annotate.instruction_stage import LLM_TAG_ANNOTATIONS, run_quality_annotation, run_tag_annotation
+    from pipeline.annotate.instruction_stage import run_quality_annotation, run_tag_annotation
+    from schemas import LLM_TAG_ANNOTATIONS
     from pipeline.beam.ingest import run_ingest
     from pipeline.io.catalog import Catalog
 

@@ -9,7 +9,7 @@
 - ``llm_tags`` / ``llm_quality``: :class:`pipeline.annotate.llm.LLMAnnotator` against an
   OpenAI-compatible endpoint. Their rows carry two more columns, ``error`` and ``error_detail``
   (null when the call succeeded), so a malformed reply or a timeout is visible per sample; the
-  schemas are :data:`LLM_TAG_ANNOTATIONS` and :data:`LLM_QUALITY_ANNOTATIONS` (supersets of the
+  schemas are :data:`schemas.LLM_TAG_ANNOTATIONS` and :data:`schemas.LLM_QUALITY_ANNOTATIONS` (supersets of the
   shared ones; DuckDB's ``tags`` / ``quality`` views read them by column name).
 
 Annotations that came with the input (``input_tags``, ``input_quality``, written at ingest) are
@@ -40,15 +40,6 @@ INPUT_COLUMNS = ["sample_id", "messages"]
 CHUNK_ROWS = 2048  # rows embedded together: bounds memory on big shards
 
 
-def _extend(base: pa.Schema, name: str, extra: list[pa.Field]) -> pa.Schema:
-    return pa.schema(list(base) + extra, metadata={"thresher.schema": name, "thresher.schema_version": "1"})
-
-
-_ERROR_FIELDS = [pa.field("error", pa.string(), nullable=True), pa.field("error_detail", pa.string(), nullable=True)]
-LLM_TAG_ANNOTATIONS = _extend(
-    schemas.TAG_ANNOTATIONS, "annotations_tags_llm",
-    [pa.field("explanations", pa.list_(pa.string()), nullable=True), *_ERROR_FIELDS])
-LLM_QUALITY_ANNOTATIONS = _extend(schemas.QUALITY_ANNOTATIONS, "annotations_quality_llm", _ERROR_FIELDS)
 
 
 def _chunks(table: pa.Table, size: int):
@@ -127,7 +118,7 @@ class LLMTagFn(ShardFn):
             rows.append({"sample_id": sid, "tags": [{"tag": t.tag, "confidence": 1.0} for t in r.tags],
                          "annotator": self.annotator, "explanations": [t.explanation for t in r.tags] if r.tags else None,
                          "error": r.error, "error_detail": r.detail})
-        return pa.Table.from_pylist(rows, schema=LLM_TAG_ANNOTATIONS) if rows else LLM_TAG_ANNOTATIONS.empty_table()
+        return pa.Table.from_pylist(rows, schema=schemas.LLM_TAG_ANNOTATIONS) if rows else schemas.LLM_TAG_ANNOTATIONS.empty_table()
 
 
 class LLMQualityFn(ShardFn):
@@ -150,7 +141,7 @@ class LLMQualityFn(ShardFn):
             if r.error is None:
                 row["quality"], row["complexity"], row["score"] = combine_rounds(r.quality_per_round, r.complexity_per_round)
             rows.append(row)
-        return pa.Table.from_pylist(rows, schema=LLM_QUALITY_ANNOTATIONS) if rows else LLM_QUALITY_ANNOTATIONS.empty_table()
+        return pa.Table.from_pylist(rows, schema=schemas.LLM_QUALITY_ANNOTATIONS) if rows else schemas.LLM_QUALITY_ANNOTATIONS.empty_table()
 
 
 # ---------------------------------------------------------------- stages
@@ -217,7 +208,7 @@ def run_tag_annotation(
         if llm is None:
             raise ValueError("the llm_tags annotator needs an endpoint and a model (LLMConfig)")
         cache = str(cache_path) if cache_path else _default_cache(cat)
-        fn, schema = LLMTagFn(out_name, llm, cache), LLM_TAG_ANNOTATIONS
+        fn, schema = LLMTagFn(out_name, llm, cache), schemas.LLM_TAG_ANNOTATIONS
         params = {"annotator": annotator, "prompt_version": TAG_PROMPT_VERSION, "llm": llm.parameters()}
     else:
         raise ValueError(f"unknown tag annotator {annotator!r}; choose {OFFLINE_TAGS} or {LLM_TAGS}")
@@ -259,7 +250,7 @@ def run_quality_annotation(
         if llm is None:
             raise ValueError("the llm_quality annotator needs an endpoint and a model (LLMConfig)")
         cache = str(cache_path) if cache_path else _default_cache(cat)
-        fn, schema = LLMQualityFn(out_name, llm, cache), LLM_QUALITY_ANNOTATIONS
+        fn, schema = LLMQualityFn(out_name, llm, cache), schemas.LLM_QUALITY_ANNOTATIONS
         params = {"annotator": annotator, "prompt_version": QUALITY_PROMPT_VERSION, "llm": llm.parameters()}
     else:
         raise ValueError(f"unknown quality annotator {annotator!r}; choose {OFFLINE_QUALITY} or {LLM_QUALITY}")
@@ -283,6 +274,6 @@ def stage_summary(result: StageResult) -> str:
 
 
 __all__ = [
-    "LLM_QUALITY_ANNOTATIONS", "LLM_TAG_ANNOTATIONS", "LLMQualityFn", "LLMTagFn", "OfflineQualityFn",
+    "LLMQualityFn", "LLMTagFn", "OfflineQualityFn",
     "OfflineTagFn", "run_quality_annotation", "run_tag_annotation", "stage_summary",
 ]

@@ -15,15 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import schemas
 from pipeline.curate import annotations
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 from pipeline.select import batch_metrics
 from pipeline.select.cabs_sampler import as_concept_table, iter_plan
 
-PLAN_SCHEMA = pa.schema(
-    [("step", pa.int64()), ("position", pa.int64()), ("sample_id", pa.string()), ("gain", pa.float64())],
-    metadata={"thresher.schema": "cabs_plan", "thresher.schema_version": "1"},
-)
 
 @dataclass
 class ConceptPool:
@@ -116,7 +113,7 @@ def plan(pool: ConceptPool, mode: str = "dm", filter_ratio: float = 0.8, superba
         cabs_reports.append(cmp.selected.as_dict())
         iid_reports.append(cmp.iid_mean)
     plan_table = pa.table({"step": steps_col, "position": pos_col, "sample_id": ids_col, "gain": gain_col},
-                          schema=PLAN_SCHEMA)
+                          schema=schemas.CABS_PLAN)
     keys = batch_metrics.TABLE_METRICS
     report = PlanReport(steps, superbatch, batch_size, mode, dm_mode, pool.source, int(zero), int(padded),
                         {k: float(np.mean([r[k] for r in cabs_reports])) for k in keys},
@@ -126,6 +123,6 @@ def plan(pool: ConceptPool, mode: str = "dm", filter_ratio: float = 0.8, superba
 
 def write_plan(table: pa.Table, report: PlanReport, out: str | Path, parameters: dict[str, Any]) -> Path:
     out = Path(out)
-    write_parquet_atomic(table, out, PLAN_SCHEMA)
+    write_parquet_atomic(table, out, schemas.CABS_PLAN)
     write_json_atomic({"parameters": parameters, "report": asdict(report)}, out.with_suffix(".report.json"))
     return out

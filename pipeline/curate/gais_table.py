@@ -16,14 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import schemas
 from pipeline.curate import annotations
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 
-GAIS_SCHEMA = pa.schema(
-    [("index", pa.int64()), ("sample_id", pa.string()), ("label", pa.string()), ("score", pa.float64()),
-     ("selected", pa.bool_())],
-    metadata={"thresher.schema": "gais_selection", "thresher.schema_version": "1"},
-)
 
 
 @dataclass
@@ -93,7 +89,7 @@ def run(inst: Instances, variant: str, reduction: float, scoring: str = "same_cl
     res = gais_select(X, np.asarray(inst.labels), variant=variant, reduction=reduction, scoring=scoring, seed=seed)
     table = pa.table({"index": np.arange(len(inst.labels), dtype=np.int64), "sample_id": inst.sample_ids,
                       "label": inst.labels, "score": res.scores.astype(np.float64),
-                      "selected": res.selected_mask.astype(bool)}, schema=GAIS_SCHEMA)
+                      "selected": res.selected_mask.astype(bool)}, schema=schemas.GAIS_SELECTION)
     report = {"source": inst.source, "n": len(inst.labels), "selected": int(res.selected_mask.sum()),
               "achieved_reduction": res.achieved_reduction, "variant": variant, "scoring": scoring,
               "per_class_counts": {str(k): int(v) for k, v in res.per_class_counts.items()},
@@ -104,6 +100,6 @@ def run(inst: Instances, variant: str, reduction: float, scoring: str = "same_cl
 
 def write(table: pa.Table, report: dict[str, Any], out: str | Path, parameters: dict[str, Any]) -> Path:
     out = Path(out)
-    write_parquet_atomic(table, out, GAIS_SCHEMA)
+    write_parquet_atomic(table, out, schemas.GAIS_SELECTION)
     write_json_atomic({"parameters": parameters, "report": report}, out.with_suffix(".report.json"))
     return out

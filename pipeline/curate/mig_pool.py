@@ -17,21 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import schemas
 from pipeline.curate import annotations
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 from pipeline.select import label_graph as lg
 from pipeline.select import mig
 
-PICKS_SCHEMA = pa.schema(
-    [
-        ("rank", pa.int64()),
-        ("index", pa.int64()),
-        ("sample_id", pa.string()),
-        ("gain", pa.float64()),
-        ("labels", pa.list_(pa.string())),
-    ],
-    metadata={"thresher.schema": "mig_picks", "thresher.schema_version": "1"},
-)
 
 
 @dataclass
@@ -157,7 +148,7 @@ def select(pool: Pool, budget: int, config: mig.MIGConfig = mig.MIGConfig(), edg
         "sample_id": [pool.sample_ids[i] for i in picks],
         "gain": result.gains.astype(np.float64),
         "labels": [pool.labels[i] for i in picks],
-    }, schema=PICKS_SCHEMA)
+    }, schema=schemas.MIG_PICKS)
     rand = mig.random_baseline(result.ehat, len(picks), config, n_trials=random_trials, seed=seed) \
         if len(picks) else np.zeros(1)
     rng = np.random.default_rng(seed)
@@ -175,6 +166,6 @@ def select(pool: Pool, budget: int, config: mig.MIGConfig = mig.MIGConfig(), edg
 
 def write_selection(table: pa.Table, report: MIGReport, out: str | Path, parameters: dict[str, Any]) -> Path:
     out = Path(out)
-    write_parquet_atomic(table, out, PICKS_SCHEMA)
+    write_parquet_atomic(table, out, schemas.MIG_PICKS)
     write_json_atomic({"parameters": parameters, "report": asdict(report)}, out.with_suffix(".report.json"))
     return out
