@@ -43,8 +43,8 @@ class GATConfig:
 
     ``num_threads``: torch intra-op threads while training (None: leave torch's setting). The
     default is 1 because on the shared 2-core development machine, with other processes busy,
-    two threads made training 4x slower (digits, 100 epochs: 53 s vs 12 s) - spinning OpenMP
-    threads wait on a core that is not free.
+    two threads made training 4x slower (digits, 100 epochs: 53 s vs 12 s, measured with an
+    earlier gather/scatter aggregation) - spinning OpenMP threads wait on a core that is busy.
     """
 
     hidden: int = 32
