@@ -6,7 +6,8 @@ sides embed exactly the same texts (``conversation_text`` of every sample, in ca
 the same in-memory all-MiniLM-L6-v2 and the same batch size:
 
 * beam: ``run_text_embedding(..., force=True)``: the whole stage (read shards, RunInference with
-  KeyedModelHandler, group per shard, write Parquet, ledger);
+  KeyedModelHandler, group per shard, write Parquet, ledger); rows are fed shortest first within
+  each shard, so batches hold similar lengths;
 * loop: ``embed_texts`` on consecutive slices of ``--batch-size`` texts (what one would write
   by hand), nothing written;
 * sorted: one ``embed_texts`` call over everything, which lets sentence-transformers sort all

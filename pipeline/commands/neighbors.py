@@ -34,7 +34,7 @@ def snippets(catalog: str | Path, dataset: str, sample_ids: list[str], width: in
         partition = cat.samples_partition(kind, dataset)
         for shard in sorted(partition.glob("part-*.parquet")) if partition.is_dir() else []:
             table = pq.read_table(shard, columns=["sample_id", column])
-            table = table.filter(pc.is_in(table.column("sample_id"), value_set=pa_array(wanted)))
+            table = table.filter(pc.is_in(table.column("sample_id"), value_set=_value_set(wanted)))
             for sid, value in zip(table.column("sample_id").to_pylist(), table.column(column).to_pylist()):
                 if kind == "instruction":
                     text = next((m["content"] for m in value or [] if m.get("role") == "user"), "")
@@ -45,7 +45,7 @@ def snippets(catalog: str | Path, dataset: str, sample_ids: list[str], width: in
     return out
 
 
-def pa_array(values: set[str]):
+def _value_set(values: set[str]):
     import pyarrow as pa
 
     return pa.array(sorted(values), type=pa.string())

@@ -20,7 +20,6 @@ metadata ``model``, ``weights_digest`` (sha256 of the state dict), ``normalized`
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,8 +125,12 @@ class ReadConversationTexts(beam.DoFn):
         name = Path(shard_path).name
         table = pq.read_table(shard_path, columns=["sample_id", "messages"])
         ids = table.column("sample_id").to_pylist()
-        for row, (sid, messages) in enumerate(zip(ids, table.column("messages").to_pylist())):
-            yield ((name, row, sid), conversation_text(messages or [], self.max_chars))
+        texts = [conversation_text(m or [], self.max_chars) for m in table.column("messages").to_pylist()]
+        # Emitted shortest first: BatchElements cuts consecutive elements into batches, so
+        # similar lengths share a batch and little compute goes to padding. The row number in
+        # the key puts every vector back in shard order when the shard is written.
+        for row in sorted(range(len(texts)), key=lambda i: len(texts[i])):
+            yield ((name, row, ids[row]), texts[row])
         # Every shard gets a group downstream, so an empty input shard still writes its output.
         yield beam.pvalue.TaggedOutput(_MARKER, (name, None))
 
