@@ -39,7 +39,7 @@ _VIEW_FILES = {
     "concepts": ("annotations/*_concepts/*/*.parquet", schemas.CONCEPT_ANNOTATIONS),
     "selections": ("selections/*/*.parquet", schemas.SELECTIONS),
     "curated": ("curated/*/*.parquet", schemas.CURATED_INSTRUCTIONS),
-    "near_duplicates": ("annotations/near_dup_*/*/*.parquet", None),
+    "near_duplicates": ("annotations/near_dup_*/*/*.parquet", schemas.NEAR_DUP_ANNOTATIONS),
     "runs": ("runs/*.json", None),
 }
 

@@ -133,6 +133,23 @@ CONCEPT_ANNOTATIONS = _schema(
 )
 
 
+NEAR_DUP_ANNOTATIONS = _schema(
+    "annotations_near_dup",
+    [
+        ("sample_id", pa.string()),
+        ("group_id", pa.string()),  # sample_id of the group's kept row
+        ("keep", pa.bool_()),
+        ("max_similarity", pa.float32()),  # cosine to the nearest other sample
+    ],
+    nullable={"max_similarity"},
+)
+
+CLIP_SCORE_ANNOTATIONS = _schema(
+    "annotations_clip_score",
+    [("sample_id", pa.string()), ("clip_score", pa.float32()), ("model", pa.string())],
+    nullable={"clip_score"},  # null: the sample has no caption
+)
+
 # LLM annotators add why a reply could not be used (the row is kept, never dropped).
 _LLM_ERROR = [("error", pa.string()), ("error_detail", pa.string())]
 
@@ -231,6 +248,8 @@ TABLES: dict[str, pa.Schema] = {
     "mig_picks": MIG_PICKS,
     "cabs_plan": CABS_PLAN,
     "gais_selection": GAIS_SELECTION,
+    "annotations_near_dup": NEAR_DUP_ANNOTATIONS,
+    "annotations_clip_score": CLIP_SCORE_ANNOTATIONS,
     "annotations_tags_llm": LLM_TAG_ANNOTATIONS,
     "annotations_quality_llm": LLM_QUALITY_ANNOTATIONS,
     "curated_instruction": CURATED_INSTRUCTIONS,

@@ -55,14 +55,7 @@ META_NORMALIZED = "normalized"
 META_DIM = "dim"
 META_RUN_TOKEN = "thresher.run_token"
 
-CLIP_SCORE_SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("clip_score", pa.float32(), nullable=True),  # cosine(image, caption); null: no caption
-        pa.field("model", pa.string(), nullable=False),
-    ],
-    metadata={"thresher.schema": "annotations_clip_score", "thresher.schema_version": "1"},
-)
+CLIP_SCORE_SCHEMA = schemas.CLIP_SCORE_ANNOTATIONS  # defined in schemas/, the one source of truth
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import __version__
+import schemas
 from pipeline.beam.stage import input_shards, shard_fingerprint
 from pipeline.index.faiss_index import (
     MIN_NPROBE,
@@ -56,15 +57,7 @@ from pipeline.io.catalog import Catalog, commit_dir, shard_name, write_json_atom
 SOURCE_FILE = "source.json"
 PQ_TRAIN_POINTS = 100_000  # spec_for_kind: training rows for a PQ index (all rows when fewer)  # next to the index: which embeddings (and weights) it was built from
 
-NEAR_DUP_SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("group_id", pa.string(), nullable=False),  # sample_id of the group's kept row
-        pa.field("keep", pa.bool_(), nullable=False),
-        pa.field("max_similarity", pa.float32(), nullable=True),  # cosine to the nearest other sample
-    ],
-    metadata={"thresher.schema": "annotations_near_dup", "thresher.schema_version": "1"},
-)
+NEAR_DUP_SCHEMA = schemas.NEAR_DUP_ANNOTATIONS  # defined in schemas/, the one source of truth
 
 
 def near_dup_annotator(model: str) -> str:
