@@ -3,6 +3,18 @@
 The catalog root reaches SQL only as a DuckDB variable set with a bound parameter
 (``SET VARIABLE thresher_root = ?``), never by string interpolation. A table that has no files yet
 is still a view — an empty one with the right columns — so queries never fail for lack of data.
+
+A table whose files include a damaged one (a truncated or corrupt Parquet footer, unreadable JSON)
+does not take the other views down: its view is replaced by one with the same columns that raises
+an error naming the damaged file(s) when used, and :func:`connect` emits a
+:class:`DamagedTableWarning` saying the same.
+
+``connect(catalog, safe=True)`` confines DuckDB to the catalog: external access is off, only the
+catalog folder is an allowed directory, and the configuration is locked once the views exist, so
+SQL cannot read other files, ATTACH databases, load extensions or SET the options back.
+``run_query(..., safe=True)`` additionally runs only read-only (SELECT-type) statements, because
+DuckDB's allowed directory also admits writes (``COPY ... TO`` a file inside the catalog). Use
+``safe=True`` for any SQL that comes from someone other than the person who owns the catalog.
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ import csv
 import glob
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import IO
 
@@ -47,8 +60,22 @@ _VIEW_FILES = {
 VIEW_NAMES = tuple(_VIEW_FILES)
 
 
-def connect(catalog: str | Path, extra_views: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per catalog table."""
+class DamagedTableWarning(UserWarning):
+    """A catalog table has damaged files; its view raises an error naming them when used."""
+
+
+class UnsafeQueryError(ValueError):
+    """A statement that safe mode does not run (anything but a read-only query)."""
+
+
+def connect(catalog: str | Path, extra_views: dict[str, str] | None = None,
+            safe: bool = False) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with one view per catalog table.
+
+    With ``safe=True`` the connection can read files under the catalog only and its settings are
+    locked (see the module docstring); writes into the catalog are refused only by
+    :func:`run_query` / :func:`check_read_only`, so pass user SQL through one of those.
+    """
     root = Path(catalog).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"catalog {root} does not exist; run `thresher ingest` or `thresher demo` first")
@@ -56,14 +83,77 @@ def connect(catalog: str | Path, extra_views: dict[str, str] | None = None) -> d
     con.execute("SET VARIABLE thresher_root = ?", [str(root)])
     views = sql_dir() / "views"
     for name, (pattern, schema) in _VIEW_FILES.items():
-        if glob.glob(str(root / pattern)):
-            con.execute(f"CREATE VIEW {name} AS {(views / f'{name}.sql').read_text()}")
-        else:
+        files = sorted(glob.glob(str(root / pattern)))
+        if not files:
             con.register(f"_empty_{name}", _empty(name, schema))
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM _empty_{name}")
+            continue
+        try:
+            con.execute(f"CREATE VIEW {name} AS {(views / f'{name}.sql').read_text()}")
+        except duckdb.Error as exc:  # the view binds every file's schema: one bad file fails it
+            message = _damage_message(name, files, exc)
+            _error_view(con, name, schema, message)
+            warnings.warn(DamagedTableWarning(message), stacklevel=2)
     for name, relation_sql in (extra_views or {}).items():
         con.execute(f"CREATE VIEW {name} AS {relation_sql}")
+    if safe:
+        _restrict(con, root)
     return con
+
+
+def _restrict(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    """Files outside ``root`` unreachable, no extensions or Python objects, settings locked."""
+    con.execute("SET allowed_directories = ?", [[str(root).rstrip("/") + "/"]])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise :class:`UnsafeQueryError` unless every statement in ``sql`` is a query (SELECT,
+    FROM, WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE): no COPY, ATTACH, SET, CREATE, PRAGMA, CALL ..."""
+    for statement in con.extract_statements(sql):
+        if statement.type != duckdb.StatementType.SELECT:
+            kind = str(statement.type).rsplit(".", 1)[-1]
+            raise UnsafeQueryError(f"safe mode runs read-only queries only; refused a {kind} statement")
+
+
+def _damage_message(name: str, files: list[str], exc: Exception) -> str:
+    """Which of ``files`` DuckDB cannot read on its own, or DuckDB's error when none alone fails."""
+    reader = "read_json" if name == "runs" else "read_parquet"
+    probe = duckdb.connect()
+    damaged = []
+    try:
+        for f in files:
+            try:
+                probe.execute(f"DESCRIBE SELECT * FROM {reader}(?)", [f])
+            except duckdb.Error as e:
+                damaged.append(f"{f} ({str(e).splitlines()[0]})")
+    finally:
+        probe.close()
+    if damaged:
+        return (f"view {name} is unavailable: damaged file(s) in the catalog: {'; '.join(damaged)}. "
+                "Re-run the stage that wrote them (e.g. with --force) or move them out of the catalog; "
+                "the other views are unaffected")
+    return f"view {name} is unavailable: {str(exc).splitlines()[0]}"
+
+
+def _error_view(con: duckdb.DuckDBPyConnection, name: str, schema: pa.Schema | None, message: str) -> None:
+    """A view with ``name``'s columns whose every column raises ``message`` when evaluated.
+
+    Each column of the one extra row is ``error(...)``, so a count, a projection or a filter on any
+    column fails with the message rather than returning a silently partial or empty result.
+    """
+    empty = _empty(name, schema)
+    con.register(f"_empty_{name}", empty)
+    con.execute(f"SET VARIABLE thresher_damaged_{name} = ?", [message])
+    raises = ", ".join(f"error(getvariable('thresher_damaged_{name}')) AS {_ident(c)}" for c in empty.column_names)
+    con.execute(f"CREATE VIEW {name} AS SELECT * FROM _empty_{name} UNION ALL BY NAME SELECT {raises}")
+
+
+def _ident(column: str) -> str:
+    return '"' + column.replace('"', '""') + '"'
 
 
 def _empty(name: str, schema: pa.Schema | None) -> pa.Table:
@@ -90,10 +180,15 @@ def resolve(sql_or_name: str) -> str:
     return sql_or_name
 
 
-def run_query(catalog: str | Path, sql_or_name: str, params: list | None = None) -> pa.Table:
-    con = connect(catalog)
+def run_query(catalog: str | Path, sql_or_name: str, params: list | None = None, safe: bool = False) -> pa.Table:
+    """Run SQL or a named query; with ``safe=True`` in a :func:`connect` ``safe`` connection and
+    only if every statement is read-only (:func:`check_read_only`)."""
+    con = connect(catalog, safe=safe)
     try:
-        relation = con.sql(resolve(sql_or_name), params=params or None)
+        sql = resolve(sql_or_name)
+        if safe:
+            check_read_only(con, sql)
+        relation = con.sql(sql, params=params or None)
         if relation is None:  # a statement without a result (SET, CREATE ...)
             return pa.table({})
         # DuckDB 2 renamed fetch_arrow_table to to_arrow_table; support both.

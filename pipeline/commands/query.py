@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from pipeline.commands import add_catalog_argument
 
@@ -19,6 +20,10 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--param", action="append", default=[], help="bind a value to the next ? in the SQL")
     q.add_argument("--max-rows", type=int, default=50, help="rows to print in table format")
     q.add_argument("--list", action="store_true", help="list the views and named queries")
+    q.add_argument("--safe", action="store_true",
+                   help="confine the SQL to the catalog: read-only queries, no files outside the catalog, "
+                        "no ATTACH/COPY/SET/extensions (use for SQL from other people, e.g. a served or "
+                        "scheduled query); without it the SQL can read and write any file you can")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -33,6 +38,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if not args.sql:
         print("thresher query: give SQL or a named query (see --list)", file=sys.stderr)
         return 2
-    table = query.run_query(args.catalog, args.sql, args.param)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", query.DamagedTableWarning)
+        try:
+            table = query.run_query(args.catalog, args.sql, args.param, safe=args.safe)
+        finally:
+            for w in caught:
+                if issubclass(w.category, query.DamagedTableWarning):
+                    print(f"thresher query: warning: {w.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     query.write_result(table, args.format, path=args.output, max_rows=args.max_rows)
     return 0
