@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.beam.ingest import run_ingest
 from pipeline.beam.stage import ShardFn, run_shard_stage
-from pipeline.io.catalog import Catalog, commit_dir, safe_name
+from pipeline.io.catalog import Catalog, check_name, safe_name
 
 SCHEMA = pa.schema([("sample_id", pa.string()), ("n_chars", pa.int64())])
 
@@ -52,18 +52,18 @@ def test_a_failing_stage_commits_nothing(catalog):
     with pytest.raises(Exception, match="model exploded"):
         run_shard_stage(catalog.root, "boom", "demo", src, out, Boom(), None, {})
     assert not out.exists() and not (catalog.root / "_staging").exists()
-
-
-def test_commit_dir_recovers_an_interrupted_swap(tmp_path):
-    final, staged = tmp_path / "t", tmp_path / "s"
-    final.mkdir(), staged.mkdir()
-    (final / "a").write_text("old"), (staged / "a").write_text("new")
-    final.rename(tmp_path / "t.old")  # crash between the two renames
-    commit_dir(staged, final)
-    assert (final / "a").read_text() == "new" and not (tmp_path / "t.old").exists()
+    failed = [json.loads(p.read_text()) for p in (catalog.root / "runs").glob("boom-*.json")]
+    assert len(failed) == 1 and failed[0]["status"] == "failed" and "model exploded" in failed[0]["error"]
 
 
 def test_safe_name():
     assert safe_name("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers__all-MiniLM-L6-v2"
     with pytest.raises(ValueError):
         safe_name("../..")
+
+
+@pytest.mark.parametrize("bad", ["my set!", "../x", "a/b", "_staging", ".hidden", "", "x" * 200])
+def test_user_names_are_refused_not_rewritten(bad):
+    with pytest.raises(ValueError, match="must be 1-128"):
+        check_name(bad, "selection")
+    assert check_name("v1.old", "selection") == "v1.old"

@@ -16,25 +16,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
-from apache_beam.metrics import Metrics
 
 import schemas
-from pipeline import __version__
 from pipeline.beam.runner import make_pipeline_options, run_pipeline
-from pipeline.io.catalog import SAMPLE_TABLE, Catalog, shard_name, table_from_rows, write_json_atomic, write_parquet_atomic
+from pipeline.io.catalog import (SAMPLE_TABLE, Catalog, check_name, shard_name, table_from_rows, write_json_atomic,
+                                 write_parquet_atomic)
 from pipeline.io.records import ANNOTATION_TABLES, LINEAGE_KEYS, parse_chunk
 from pipeline.io.sample_id import shard_of
+from pipeline.io.runs import StageRun, failpoint
 from pipeline.io.sources import IMAGE_TEXT, Chunk, ReadLimits, Unit, input_fingerprint, plan_units, read_chunks, split_unit
 
 log = logging.getLogger(__name__)
@@ -76,16 +74,25 @@ class SplitUnit(beam.DoFn):
 
 
 class ReadChunks(beam.DoFn):
-    """Stream one unit as chunks of raw items (I/O only), counting every input row."""
+    """Stream one unit as chunks of raw items (I/O only), counting every input row.
 
-    def __init__(self, limits: ReadLimits):
+    The count of each unit (or line range) is written to ``<staging>/_reads/`` once the unit has
+    been read whole, so rows in are counted from what the job wrote, on any runner (some report
+    no metrics); a retried unit rewrites the same file.
+    """
+
+    def __init__(self, limits: ReadLimits, staging: str):
         self.limits = limits
-        self.rows_in = Metrics.counter("ingest", "rows_in")
+        self.staging = staging
 
     def process(self, unit: Unit) -> Iterator[Chunk]:
+        rows_in = 0
         for chunk in read_chunks(unit, self.limits):
-            self.rows_in.inc(chunk.rows_in)
+            rows_in += chunk.rows_in
             yield chunk
+        name = f"{zlib.crc32(unit.uri.encode()):08x}-{unit.start}.json"
+        write_json_atomic({"uri": unit.uri, "start": unit.start, "stop": unit.stop, "rows_in": rows_in},
+                          Path(self.staging) / "_reads" / name)
 
 
 class ParseChunks(beam.DoFn):
@@ -99,6 +106,7 @@ class ParseChunks(beam.DoFn):
         yield from self.parse(chunk)
 
     def parse(self, chunk: Chunk) -> Iterator[tuple[int, tuple[str, bytes]]]:
+        failpoint("ingest:parse")
         parsed = parse_chunk(chunk, self.limits)
         kind = chunk.unit.kind
         by_shard: dict[tuple[int, str], list[dict]] = defaultdict(list)
@@ -125,9 +133,9 @@ class ReadAndParse(ParseChunks):
     only compact Arrow batches of parsed rows travel to the shard writers.
     """
 
-    def __init__(self, num_shards: int, limits: ReadLimits):
+    def __init__(self, num_shards: int, limits: ReadLimits, staging: str):
         super().__init__(num_shards, limits)
-        self.reader = ReadChunks(limits)
+        self.reader = ReadChunks(limits, staging)
 
     def process(self, unit: Unit) -> Iterator[tuple[int, tuple[str, bytes]]]:
         for chunk in self.reader.process(unit):
@@ -189,6 +197,7 @@ class WriteShard(beam.DoFn):
             stats.annotations[table] = ann.num_rows
             self._write(table, ann, name)
         write_json_atomic(asdict(stats), Path(self.staging) / "_stats" / f"{shard:05d}.json")
+        failpoint("ingest:write_shard")
         yield asdict(stats)
 
     def _write(self, table: str, data: pa.Table, name: str) -> None:
@@ -231,11 +240,14 @@ class IngestResult:
     counts: dict[str, Any]
     timings_s: dict[str, float]
     skipped: bool = False
+    rebuilt: str | None = None  # why a run that looked unchanged was redone (damaged output)
 
     def summary(self) -> str:
         c = self.counts
         lines = [
-            f"dataset {self.dataset!r} ({self.kind}) in {self.catalog}" + (" — unchanged, skipped" if self.skipped else ""),
+            f"dataset {self.dataset!r} ({self.kind}) in {self.catalog}"
+            + (" — unchanged, verified, skipped" if self.skipped else "")
+            + (f" — rebuilt: {self.rebuilt}" if self.rebuilt else ""),
             f"  rows in      {c['rows_in']:>10,}",
             f"  samples      {c['samples']:>10,}",
             f"  rejects      {c['rejects']:>10,}",
@@ -253,7 +265,7 @@ def build_pipeline(p: beam.Pipeline, units: list[Unit], staging: Path, kind: str
         # Image chunks carry file paths (or tar member bytes) and decoding dominates: spread the
         # chunks of one folder or tar across workers, then decode.
         parsed = (units_pc
-                  | "ReadChunks" >> beam.ParDo(ReadChunks(limits))
+                  | "ReadChunks" >> beam.ParDo(ReadChunks(limits, str(staging)))
                   | "SpreadChunks" >> beam.Reshuffle()
                   | "ParseChunks" >> beam.ParDo(ParseChunks(num_shards, limits)))
     else:
@@ -262,7 +274,7 @@ def build_pipeline(p: beam.Pipeline, units: list[Unit], staging: Path, kind: str
         parsed = (units_pc
                   | "SplitUnit" >> beam.ParDo(SplitUnit(ranges_per_file))
                   | "SpreadRanges" >> beam.Reshuffle()
-                  | "ReadAndParse" >> beam.ParDo(ReadAndParse(num_shards, limits)))
+                  | "ReadAndParse" >> beam.ParDo(ReadAndParse(num_shards, limits, str(staging))))
     return (parsed
             | "ByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(WriteShard(str(staging), num_shards, kind)))
@@ -291,10 +303,11 @@ def run_ingest(
 ) -> IngestResult:
     """Ingest ``inputs`` into ``catalog`` as dataset ``dataset``; idempotent and resumable.
 
-    A dataset whose inputs and parameters match the last completed ingest is skipped (unless
-    ``force``); otherwise its partitions are rebuilt and swapped in atomically.
+    A dataset whose inputs and parameters match the last completed ingest, and whose committed
+    partitions are still intact, is skipped (unless ``force``); otherwise its partitions are
+    rebuilt and swapped in together, atomically (:class:`pipeline.io.runs.StageRun`).
     """
-    _check_dataset_name(dataset)
+    check_name(dataset)
     cat = Catalog.at(catalog)
     t0 = time.perf_counter()
     units = plan_units(inputs, kind, container, layout, options)
@@ -304,72 +317,37 @@ def run_ingest(
     params = {"kind": kind, "container": container, "layout": layout, "options": options or {},
               "num_shards": shards, "limits": asdict(limits)}
     fingerprint = input_fingerprint(units)
-    state = cat.read_state("ingest", dataset)
-    if not force and state and state.get("inputs") == fingerprint and state.get("parameters") == params:
-        cat.recover(dataset)
-        return IngestResult(state["run_id"], dataset, kind, str(cat.root), state["counts"], {}, skipped=True)
-
-    run_id = f"ingest-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    staging = cat.staging(run_id)
-    started = datetime.now(timezone.utc).isoformat()
-    plan_s = time.perf_counter() - t0
-    try:
-        opts = make_pipeline_options(workers, beam_args)
+    outputs = cat.dataset_partitions(dataset)
+    with StageRun(cat, "ingest", dataset, outputs, params, fingerprint, force=force, key=f"dataset={dataset}",
+                  ledger_parameters={"workers": workers, "beam_args": beam_args or []}) as run:
+        if run.skipped:
+            return IngestResult(run.state["run_id"], dataset, kind, str(cat.root), run.state["counts"], {},
+                                skipped=True)
+        staging = run.area / "out"  # WriteShard writes <staging>/<table>/, i.e. run.staging[table]
+        plan_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        with_result = run_pipeline(
-            lambda p: build_pipeline(p, units, staging, kind, shards, limits, ranges_per_file=workers), opts)
+        run_pipeline(lambda p: build_pipeline(p, units, staging, kind, shards, limits, ranges_per_file=workers),
+                     make_pipeline_options(workers, beam_args))
         beam_s = time.perf_counter() - t1
-        rows_in = _counter(with_result, "rows_in")
         counts = _sum_stats(staging)
-        counts["rows_in"] = rows_in
         accounted = counts["samples"] + counts["rejects"] + counts["duplicates"]
-        if rows_in is not None and rows_in != accounted:
+        if counts["rows_in"] != accounted:
             raise RuntimeError(
-                f"ingest lost rows: {rows_in} in, but {counts['samples']} samples + {counts['rejects']} rejects"
-                f" + {counts['duplicates']} duplicates = {accounted}; nothing was committed")
-        if rows_in is None:  # a runner without metrics support: trust the shard totals
-            counts["rows_in"] = accounted
-        staged = {t: staging / t for t in schemas.TABLES if (staging / t).is_dir()}
+                f"ingest lost rows: {counts['rows_in']} in, but {counts['samples']} samples + {counts['rejects']}"
+                f" rejects + {counts['duplicates']} duplicates = {accounted}; nothing was committed")
         t2 = time.perf_counter()
-        cat.commit_partitions(staged, dataset)
-        commit_s = time.perf_counter() - t2
-    finally:
-        cat.clean_staging(run_id)
-    timings = {"plan": round(plan_s, 3), "beam": round(beam_s, 3), "commit": round(commit_s, 3),
-               "total": round(time.perf_counter() - t0, 3)}
-    entry = {
-        "run_id": run_id, "stage": "ingest", "dataset": dataset, "started_at": started,
-        "finished_at": datetime.now(timezone.utc).isoformat(), "code_version": __version__,
-        "parameters": {**params, "workers": workers, "beam_args": beam_args or []},
-        "inputs": fingerprint, "counts": counts, "timings_s": timings, "status": "succeeded",
-    }
-    cat.write_ledger(entry)
-    cat.write_state("ingest", dataset, {"run_id": run_id, "inputs": fingerprint, "parameters": params,
-                                        "counts": counts})
-    return IngestResult(run_id, dataset, kind, str(cat.root), counts, timings)
-
-
-def _check_dataset_name(name: str) -> None:
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
-        raise ValueError(f"dataset name {name!r} must be 1-128 letters, digits, '_', '.' or '-'"
-                         " (it becomes a folder name)")
-
-
-def _counter(result: Any, name: str) -> int | None:
-    try:
-        found = result.metrics().query(beam.metrics.MetricsFilter().with_name(name))["counters"]
-    except Exception:  # noqa: BLE001 - some runners do not report metrics
-        return None
-    if not found:
-        return None
-    return sum(c.committed if c.committed is not None else c.attempted for c in found)
+        run.commit(counts, timings={"plan": round(plan_s, 3), "beam": round(beam_s, 3)},
+                   absent=tuple(t for t, folder in run.staging.items() if not any(folder.iterdir())))
+        timings = {"plan": round(plan_s, 3), "beam": round(beam_s, 3), "commit": round(time.perf_counter() - t2, 3),
+                   "total": round(time.perf_counter() - t0, 3)}
+    return IngestResult(run.run_id, dataset, kind, str(cat.root), counts, timings, rebuilt=run.rebuild_reason)
 
 
 def _sum_stats(staging: Path) -> dict[str, Any]:
-    counts: dict[str, Any] = {"samples": 0, "duplicates": 0, "rejects": 0, "reject_reasons": Counter(),
-                              "annotations": Counter()}
+    counts: dict[str, Any] = {"rows_in": 0, "samples": 0, "duplicates": 0, "rejects": 0,
+                              "reject_reasons": Counter(), "annotations": Counter()}
+    for path in sorted((staging / "_reads").glob("*.json")):
+        counts["rows_in"] += json.loads(path.read_text())["rows_in"]
     for path in sorted((staging / "_stats").glob("*.json")):
         s = json.loads(path.read_text())
         counts["samples"] += s["samples"]

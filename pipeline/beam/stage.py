@@ -5,9 +5,10 @@ Every stage after ingest has the same bones, kept here once:
 - its input is the set of Parquet shards of one catalog partition (e.g. the samples of a
   dataset); one shard is one unit of parallel work;
 - it writes one output shard per input shard (same file name) into a staging folder, and the
-  driver swaps the whole output partition in after the Beam job succeeded (``commit_dir``);
-- it records a ledger entry and a completion marker keyed by the input shards' fingerprint and
-  the stage parameters, so an unchanged stage is skipped and a crashed one is redone.
+  driver commits the whole output partition after the Beam job succeeded;
+- locking, the verified skip, the ledger entry and the completion marker are
+  :class:`pipeline.io.runs.StageRun`'s: an unchanged stage whose outputs are intact is skipped,
+  a crashed or damaged one is redone.
 
 A simple stage is a :class:`ShardFn` (table in, table out) run by :func:`run_shard_stage`. A stage
 that needs another shape (e.g. RunInference over rows) passes its own ``expand`` to
@@ -17,9 +18,7 @@ that needs another shape (e.g. RunInference over rows) passes its own ``expand``
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,9 +26,9 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import __version__
 from pipeline.beam.runner import make_pipeline_options, run_pipeline
-from pipeline.io.catalog import Catalog, commit_dir, write_parquet_atomic
+from pipeline.io.catalog import Catalog, write_parquet_atomic
+from pipeline.io.runs import StageRun
 
 
 class ShardFn:
@@ -80,58 +79,49 @@ def shard_fingerprint(shards: list[Path]) -> list[dict[str, Any]]:
     return [{"uri": str(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in shards]
 
 
+def _rows(folder: Path) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in folder.glob("part-*.parquet"))
+
+
 def run_stage(
     catalog: str | Path,
     stage: str,
     dataset: str,
     input_partition: Path,
-    output_partition: Path,
-    expand: Callable[[beam.PCollection, Path], Any],
+    output_partition: Path | dict[str, Path],
+    expand: Callable[[beam.PCollection, Any], Any],
     parameters: dict[str, Any],
     workers: int = 1,
     beam_args: list[str] | None = None,
     force: bool = False,
 ) -> StageResult:
-    """Run ``expand`` over the input shard paths; commit what it wrote into ``output_partition``.
+    """Run ``expand`` over the input shard paths; commit what it wrote into the output partition(s).
 
-    ``expand(shard_paths, staging_dir)`` builds the Beam graph: it must write output shards
-    (``part-*.parquet``) into ``staging_dir``.
+    ``expand(shard_paths, staging)`` builds the Beam graph and writes output shards
+    (``part-*.parquet``) into ``staging``: one folder when ``output_partition`` is a path, a
+    ``{name: folder}`` dict when it is a dict of several outputs (committed together, atomically;
+    rows_out counts the first). Skipping, locking, the ledger and the commit follow
+    :class:`pipeline.io.runs.StageRun`.
     """
     cat = Catalog.at(catalog)
     shards = input_shards(input_partition)
     fingerprint = shard_fingerprint(shards)
-    state_key = f"{dataset}@{output_partition.relative_to(cat.root).as_posix().replace('/', '~')}"
-    state = cat.read_state(stage, state_key)
-    if (not force and state and state.get("inputs") == fingerprint and state.get("parameters") == parameters
-            and output_partition.is_dir()):
-        return StageResult(stage, dataset, str(output_partition), state["run_id"], state["rows_in"],
-                           state["rows_out"], 0.0, skipped=True, extra=state.get("extra", {}))
-    run_id = f"{stage}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    staging = cat.staging(run_id) / "out"
-    staging.mkdir(parents=True)
-    started = datetime.now(timezone.utc).isoformat()
-    t0 = time.perf_counter()
-    try:
+    outputs = output_partition if isinstance(output_partition, dict) else {"out": output_partition}
+    first = next(iter(outputs.values()))
+    with StageRun(cat, stage, dataset, outputs, parameters, fingerprint, force=force,
+                  ledger_parameters={"workers": workers, "beam_args": beam_args or []}) as run:
+        if run.skipped:
+            st = run.state
+            return StageResult(stage, dataset, str(first), st["run_id"], st["counts"]["rows_in"],
+                               st["counts"]["rows_out"], 0.0, skipped=True, extra=st.get("extra", {}))
+        staging = run.staging if isinstance(output_partition, dict) else run.staging["out"]
         run_pipeline(lambda p: expand(p | "Shards" >> beam.Create([str(s) for s in shards]), staging),
                      make_pipeline_options(workers, beam_args))
-        rows_out = sum(pq.ParquetFile(p).metadata.num_rows for p in staging.glob("part-*.parquet"))
-        commit_dir(staging, output_partition)
-    finally:
-        cat.clean_staging(run_id)
-    seconds = time.perf_counter() - t0
-    rows_in = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
-    counts = {"rows_in": rows_in, "rows_out": rows_out}
-    cat.write_ledger({
-        "run_id": run_id, "stage": stage, "dataset": dataset, "started_at": started,
-        "finished_at": datetime.now(timezone.utc).isoformat(), "code_version": __version__,
-        "parameters": {**parameters, "workers": workers, "beam_args": beam_args or [],
-                       "output": str(output_partition)},
-        "inputs": fingerprint, "counts": counts, "timings_s": {"total": round(seconds, 3)},
-        "status": "succeeded",
-    })
-    cat.write_state(stage, state_key, {"run_id": run_id, "inputs": fingerprint, "parameters": parameters,
-                                       "rows_in": rows_in, "rows_out": rows_out})
-    return StageResult(stage, dataset, str(output_partition), run_id, rows_in, rows_out, seconds)
+        counts = {"rows_in": sum(pq.ParquetFile(p).metadata.num_rows for p in shards),
+                  "rows_out": _rows(next(iter(run.staging.values())))}
+        run.commit(counts)
+    return StageResult(stage, dataset, str(first), run.run_id, counts["rows_in"], counts["rows_out"],
+                       time.perf_counter() - run.t0)
 
 
 def run_shard_stage(

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 import schemas
 from pipeline.curate import annotations
-from pipeline.io.catalog import Catalog, commit_dir, shard_name, write_json_atomic, write_parquet_atomic
+from pipeline.io.catalog import Catalog, shard_name, write_json_atomic, write_parquet_atomic
+from pipeline.io.runs import StageRun
 
 EXPORT_FORMATS = ("sharegpt", "alpaca", "openai", "parquet")
 
@@ -75,26 +76,24 @@ def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Pat
         ORDER BY p.rank""")
     table = joined.to_arrow_table() if hasattr(joined, "to_arrow_table") else joined.arrow()
     missing = picks_table.num_rows - table.num_rows
-    run = uuid.uuid4().hex[:8]
-    staging = cat.staging(f"curate-{run}") / "out"
-    staging.mkdir(parents=True)
     n_shards = max(1, -(-table.num_rows // rows_per_shard))
-    try:
+    params = {"dataset": dataset, "picks": str(picks), "algorithm": algorithm, "parameters": parameters or {},
+              "rows_per_shard": rows_per_shard}
+    outputs = {"curated": cat.curated_dir(name), "selection": cat.selection_dir(name)}
+    # Always rebuilt (force): the picks file is the input and is cheap to join again.
+    with StageRun(cat, "curate", dataset, outputs, params, {"picks": str(picks)}, force=True) as run:
+        staging = run.staging["curated"]
         for k in range(n_shards):
             part = table.slice(k * rows_per_shard, rows_per_shard)
             write_parquet_atomic(part, staging / shard_name(k, n_shards), schemas.CURATED_INSTRUCTIONS)
         why = _why(picks_table, table) if "labels" in picks_table.column_names else [None] * table.num_rows
         sel = pa.table({"rank": table.column("rank"), "sample_id": table.column("sample_id"),
                         "gain": table.column("gain"), "algorithm": [algorithm] * table.num_rows, "why": why})
-        sel_stage = staging.parent / "selection"
-        write_parquet_atomic(sel, sel_stage / "part-00000-of-00001.parquet", schemas.SELECTIONS)
+        write_parquet_atomic(sel, run.staging["selection"] / "part-00000-of-00001.parquet", schemas.SELECTIONS)
         write_json_atomic({"dataset": dataset, "picks": str(picks), "algorithm": algorithm,
                            "parameters": parameters or {}, "rows": table.num_rows, "missing": missing},
                           staging / "_curated.json")
-        commit_dir(staging, cat.curated_dir(name))
-        commit_dir(sel_stage, cat.selection_dir(name))
-    finally:
-        cat.clean_staging(f"curate-{run}")
+        run.commit({"rows_in": picks_table.num_rows, "rows_out": table.num_rows, "missing": missing})
     return CuratedResult(name, str(cat.curated_dir(name)), table.num_rows, n_shards, missing)
 
 

@@ -20,7 +20,6 @@ metadata ``model``, ``weights_digest`` (sha256 of the state dict), ``normalized`
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -41,7 +40,7 @@ from pipeline.embed.handlers import (
     sentence_weights_digest,
     shared_sentence_model,
 )
-from pipeline.io.catalog import Catalog, commit_dir, safe_name, write_parquet_atomic
+from pipeline.io.catalog import Catalog, safe_name, write_parquet_atomic
 
 DEFAULT_TEXT_MODEL_NAME = "all-MiniLM-L6-v2"
 CLIP_SCORE_ANNOTATOR = "clip_score"
@@ -53,7 +52,6 @@ META_MODEL = "model"
 META_DIGEST = "weights_digest"
 META_NORMALIZED = "normalized"
 META_DIM = "dim"
-META_RUN_TOKEN = "thresher.run_token"
 
 CLIP_SCORE_SCHEMA = schemas.CLIP_SCORE_ANNOTATIONS  # defined in schemas/, the one source of truth
 
@@ -281,14 +279,6 @@ def read_embedding_metadata(partition: Path) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in meta.items()}
 
 
-def _partition_token(partition: Path) -> str | None:
-    shards = sorted(partition.glob("part-*.parquet")) if partition.is_dir() else []
-    if not shards:
-        return None
-    meta = pq.read_schema(shards[0]).metadata or {}
-    return (meta.get(META_RUN_TOKEN.encode()) or b"").decode() or None
-
-
 def _result_from_stage(res: StageResult, model_key: str, dim: int, digest: str, output: Path) -> EmbeddingResult:
     return EmbeddingResult(
         dataset=res.dataset, model=model_key, output=str(output), rows=res.rows_out, dim=dim,
@@ -343,12 +333,10 @@ def run_text_embedding(
         max_chars = CHARS_PER_TOKEN * int(st_model.max_seq_length or 256)
     model_key = name or text_model_key(model)
     output = cat.embedding_partition(model_key, dataset)
-    token = uuid.uuid4().hex
     schema = embedding_schema_with_meta(dim, {
         META_MODEL: model_key, META_DIGEST: digest, META_NORMALIZED: "true", META_DIM: str(dim),
         "model_source": resolve_model_path(None if model is None else os.fspath(model)),
         "text_recipe": f"conversation_text v{TEXT_RECIPE_VERSION}, max_chars={max_chars}",
-        META_RUN_TOKEN: token,
     })
     handler = SentenceEmbeddingHandler(None if model is None else os.fspath(model), device=device,
                                        batch_size=batch_size, expected_digest=digest)
@@ -418,9 +406,8 @@ def run_clip_embedding(
         "text": cat.embedding_partition(f"{key}-text", dataset),
         "score": cat.annotation_partition(score_annotator, dataset),
     }
-    token = uuid.uuid4().hex
     common = {META_DIGEST: digest, META_NORMALIZED: "true", META_DIM: str(dim), "model_source": clip.source,
-              "open_clip_model": model_name, "seed": str(seed), META_RUN_TOKEN: token}
+              "open_clip_model": model_name, "seed": str(seed)}
     part_schemas = {
         "image": embedding_schema_with_meta(dim, {**common, META_MODEL: f"{key}-image", "tower": "image"}),
         "text": embedding_schema_with_meta(dim, {**common, META_MODEL: f"{key}-text", "tower": "text"}),
@@ -433,12 +420,7 @@ def run_clip_embedding(
     parameters = {"model": key, "open_clip_model": model_name, "weights_digest": digest, "normalized": True,
                   "outputs": {k: v.relative_to(cat.root).as_posix() for k, v in outputs.items()}}
 
-    extra_run = f"embed_clip-extra-{token[:12]}"
-    staging = {"text": cat.staging(extra_run) / "text", "score": cat.staging(extra_run) / "score"}
-
-    def expand(shard_paths: beam.PCollection, image_staging: Path) -> Any:
-        for folder in staging.values():
-            folder.mkdir(parents=True, exist_ok=True)
+    def expand(shard_paths: beam.PCollection, staging: dict[str, Path]) -> Any:
         rows = (shard_paths
                 | "Spread" >> beam.Reshuffle()
                 | "ReadRows" >> beam.ParDo(ReadImageTextRows()).with_outputs("images", "captions", _MARKER))
@@ -451,24 +433,11 @@ def run_clip_embedding(
         return ((images, captions, rows[_MARKER])
                 | "Join" >> beam.Flatten()
                 | "GroupShard" >> beam.GroupByKey()
-                | "Write" >> beam.ParDo(WriteClipShard(
-                    {"image": str(image_staging), "text": str(staging["text"]), "score": str(staging["score"])},
-                    part_schemas, key)))
+                | "Write" >> beam.ParDo(WriteClipShard({k: str(v) for k, v in staging.items()}, part_schemas, key)))
 
-    try:
-        must_force = force
-        if not must_force:
-            tokens = {_partition_token(p) for p in outputs.values()}
-            # The three partitions are committed one after the other; if a run stopped between
-            # commits (or a partition was deleted) they disagree, and the job must be redone.
-            must_force = len(tokens) != 1 or None in tokens
-        res = run_stage(cat.root, "embed_clip", dataset, source, outputs["image"], expand, parameters,
-                        workers=workers, beam_args=beam_args, force=must_force)
-        if not res.skipped:
-            commit_dir(staging["text"], outputs["text"])
-            commit_dir(staging["score"], outputs["score"])
-    finally:
-        cat.clean_staging(extra_run)
+    # The three partitions are one output set: committed together, skipped together.
+    res = run_stage(cat.root, "embed_clip", dataset, source, outputs, expand, parameters,
+                    workers=workers, beam_args=beam_args, force=force)
     image_result = _result_from_stage(res, f"{key}-image", dim, digest, outputs["image"])
     text_result = _result_from_stage(res, f"{key}-text", dim, digest, outputs["text"])
     return ClipEmbeddingResult(dataset, image_result, text_result, str(outputs["score"]),

@@ -3,7 +3,7 @@
 * :func:`run_index_build` streams an ``embeddings/<model>/dataset=<d>/`` partition into a FAISS
   index (:func:`pipeline.index.faiss_index.build_index`, sized by ``choose_spec`` unless a
   spec or kind is given), measures recall@10, and commits it to ``indexes/<model>/dataset=<d>/``
-  atomically (built in staging, swapped in with ``commit_dir``).
+  atomically (built in staging, committed by ``pipeline.io.runs.StageRun``).
 * :func:`neighbors` answers "what is closest to this sample" from that index.
 * :func:`run_near_duplicates` groups near-duplicates with SemDeDup
   (:func:`pipeline.index.semdedup.semdedup`) and writes
@@ -22,10 +22,8 @@ import json
 import math
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import __version__
 import schemas
 from pipeline.beam.stage import input_shards, shard_fingerprint
 from pipeline.index.faiss_index import (
@@ -52,7 +49,8 @@ from pipeline.index.faiss_index import (
     l2_normalize,
 )
 from pipeline.index.semdedup import semdedup
-from pipeline.io.catalog import Catalog, commit_dir, shard_name, write_json_atomic, write_parquet_atomic
+from pipeline.io.catalog import Catalog, shard_name, write_json_atomic, write_parquet_atomic
+from pipeline.io.runs import StageRun
 
 SOURCE_FILE = "source.json"
 PQ_TRAIN_POINTS = 100_000  # spec_for_kind: training rows for a PQ index (all rows when fewer)  # next to the index: which embeddings (and weights) it was built from
@@ -83,36 +81,6 @@ def _embedding_shards(cat: Catalog, model: str, dataset: str) -> tuple[Path, lis
 def _embedding_meta(shard: Path) -> dict[str, str]:
     meta = pq.read_schema(shard).metadata or {}
     return {k.decode(): v.decode() for k, v in meta.items()}
-
-
-def _state_key(cat: Catalog, dataset: str, output: Path) -> str:
-    return f"{dataset}@{output.relative_to(cat.root).as_posix().replace('/', '~')}"
-
-
-def _record_run(cat: Catalog, stage: str, dataset: str, output: Path, parameters: dict[str, Any],
-                fingerprint: list[dict[str, Any]], counts: dict[str, Any], seconds: float, started: str,
-                run_id: str, extra: dict[str, Any]) -> None:
-    cat.write_ledger({
-        "run_id": run_id, "stage": stage, "dataset": dataset, "started_at": started,
-        "finished_at": datetime.now(timezone.utc).isoformat(), "code_version": __version__,
-        "parameters": {**parameters, "output": str(output)}, "inputs": fingerprint, "counts": counts,
-        "timings_s": {"total": round(seconds, 3)}, "status": "succeeded",
-    })
-    cat.write_state(stage, _state_key(cat, dataset, output),
-                    {"run_id": run_id, "inputs": fingerprint, "parameters": parameters, "counts": counts,
-                     "extra": extra})
-
-
-def _up_to_date(cat: Catalog, stage: str, dataset: str, output: Path, fingerprint: list[dict[str, Any]],
-                parameters: dict[str, Any]) -> dict[str, Any] | None:
-    state = cat.read_state(stage, _state_key(cat, dataset, output))
-    if state and state.get("inputs") == fingerprint and state.get("parameters") == parameters and output.is_dir():
-        return state
-    return None
-
-
-def _new_run_id(stage: str) -> str:
-    return f"{stage}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
 
 def _set_threads(workers: int | None) -> None:
@@ -212,34 +180,24 @@ def run_index_build(
     output = cat.index_dir(model, dataset)
     parameters = {"spec": spec.to_dict(), "weights_digest": meta.get("weights_digest"),
                   "recall_queries": recall_queries}
-    state = None if force else _up_to_date(cat, "index_build", dataset, output, fingerprint, parameters)
-    if state is not None and (output / PARAMS_FILE).is_file():
-        params = json.loads((output / PARAMS_FILE).read_text())
-        return IndexBuildResult(dataset, model, str(output), params["n"], params["d"], spec.kind, spec.metric,
-                                params.get("recall_at_10"), 0.0, True, state["run_id"], spec.to_dict())
-    _set_threads(workers)
-    run_id = _new_run_id("index_build")
-    staging = cat.staging(run_id) / "index"
-    started = datetime.now(timezone.utc).isoformat()
-    t0 = time.perf_counter()
-    try:
+    with StageRun(cat, "index_build", dataset, {"index": output}, parameters, fingerprint, force=force) as run:
+        if run.skipped:
+            params = json.loads((output / PARAMS_FILE).read_text())
+            return IndexBuildResult(dataset, model, str(output), params["n"], params["d"], spec.kind, spec.metric,
+                                    params.get("recall_at_10"), 0.0, True, run.state["run_id"], spec.to_dict())
+        _set_threads(workers)
+        staging = run.staging["index"]
         index = build_index([str(p) for p in shards], spec=spec, column="embedding", id_column="sample_id",
                             recall_queries=recall_queries, use_gpu=use_gpu)
         index.save(staging)
         write_json_atomic({"embeddings": partition.relative_to(cat.root).as_posix(), "model": model,
                            "dataset": dataset, "embedding_metadata": meta, "inputs": fingerprint},
                           staging / SOURCE_FILE)
-        commit_dir(staging, output)
-    finally:
-        cat.clean_staging(run_id)
-    seconds = time.perf_counter() - t0
+        info = index.info
+        run.commit({"rows_in": n, "vectors": index.n}, {"recall_at_10": info.recall_at_10})
     _forget_cached(output)
-    info = index.info
-    _record_run(cat, "index_build", dataset, output, parameters, fingerprint,
-                {"rows_in": n, "vectors": index.n}, seconds, started, run_id,
-                {"recall_at_10": info.recall_at_10})
     return IndexBuildResult(dataset, model, str(output), index.n, index.d, spec.kind, spec.metric,
-                            info.recall_at_10, seconds, False, run_id, spec.to_dict())
+                            info.recall_at_10, time.perf_counter() - run.t0, False, run.run_id, spec.to_dict())
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,46 +403,36 @@ def run_near_duplicates(
     parameters = {"model": model, "threshold": float(threshold), "keep": keep, "assign": assign, "seed": seed,
                   "weights_digest": meta.get("weights_digest")}
     exact_dupes = cat.row_count("duplicates", dataset)
-    state = None if force else _up_to_date(cat, "near_duplicates", dataset, output, fingerprint, parameters)
-    if state is not None:
-        c = state.get("counts", {})
-        return NearDupResult(dataset, model, str(output), c.get("rows_in", 0), c.get("kept", 0), c.get("removed", 0),
-                             c.get("groups", 0), float(threshold), exact_dupes, 0.0, True, state["run_id"],
-                             state.get("extra", {}))
-    _set_threads(workers)
-    started = datetime.now(timezone.utc).isoformat()
-    t0 = time.perf_counter()
-    ids, vectors = _read_vectors(shards)
-    result = semdedup(vectors, threshold, keep=keep, assign=assign, seed=seed, use_gpu=use_gpu)  # type: ignore[arg-type]
-    index = _matching_index(cat, model, dataset, ids)
-    nearest = nearest_other_similarity(vectors, index)
-    id_arr = np.asarray(ids, dtype=object)
-    table = pa.Table.from_arrays(
-        [pa.array(ids, type=pa.string()), pa.array(id_arr[result.group].tolist(), type=pa.string()),
-         pa.array(result.keep, type=pa.bool_()), pa.array(nearest, type=pa.float32(), from_pandas=True)],
-        schema=NEAR_DUP_SCHEMA,
-    )
-    report = result.report.to_dict()
-    schema = NEAR_DUP_SCHEMA.with_metadata({
-        **{k.decode(): v.decode() for k, v in NEAR_DUP_SCHEMA.metadata.items()},
-        "model": model, "threshold": str(threshold), "keep_rule": keep,
-        "weights_digest": meta.get("weights_digest", ""), "max_similarity_from": "index" if index else "exact scan",
-        "report": json.dumps(report, sort_keys=True),
-    })
-    run_id = _new_run_id("near_duplicates")
-    staging = cat.staging(run_id) / "out"
-    try:
-        write_parquet_atomic(table, staging / shard_name(0, 1), schema)
-        commit_dir(staging, output)
-    finally:
-        cat.clean_staging(run_id)
-    seconds = time.perf_counter() - t0
-    counts = {"rows_in": len(ids), "kept": report["n_kept"], "removed": report["n_removed"],
-              "groups": report["n_groups"]}
-    _record_run(cat, "near_duplicates", dataset, output, parameters, fingerprint, counts, seconds, started,
-                run_id, report)
+    with StageRun(cat, "near_duplicates", dataset, {"out": output}, parameters, fingerprint, force=force) as run:
+        if run.skipped:
+            c = run.state.get("counts", {})
+            return NearDupResult(dataset, model, str(output), c.get("rows_in", 0), c.get("kept", 0),
+                                 c.get("removed", 0), c.get("groups", 0), float(threshold), exact_dupes, 0.0, True,
+                                 run.state["run_id"], run.state.get("extra", {}))
+        _set_threads(workers)
+        ids, vectors = _read_vectors(shards)
+        result = semdedup(vectors, threshold, keep=keep, assign=assign, seed=seed, use_gpu=use_gpu)  # type: ignore[arg-type]
+        index = _matching_index(cat, model, dataset, ids)
+        nearest = nearest_other_similarity(vectors, index)
+        id_arr = np.asarray(ids, dtype=object)
+        table = pa.Table.from_arrays(
+            [pa.array(ids, type=pa.string()), pa.array(id_arr[result.group].tolist(), type=pa.string()),
+             pa.array(result.keep, type=pa.bool_()), pa.array(nearest, type=pa.float32(), from_pandas=True)],
+            schema=NEAR_DUP_SCHEMA,
+        )
+        report = result.report.to_dict()
+        schema = NEAR_DUP_SCHEMA.with_metadata({
+            **{k.decode(): v.decode() for k, v in NEAR_DUP_SCHEMA.metadata.items()},
+            "model": model, "threshold": str(threshold), "keep_rule": keep,
+            "weights_digest": meta.get("weights_digest", ""), "max_similarity_from": "index" if index else "exact scan",
+            "report": json.dumps(report, sort_keys=True),
+        })
+        write_parquet_atomic(table, run.staging["out"] / shard_name(0, 1), schema)
+        run.commit({"rows_in": len(ids), "kept": report["n_kept"], "removed": report["n_removed"],
+                    "groups": report["n_groups"]}, report)
     return NearDupResult(dataset, model, str(output), len(ids), report["n_kept"], report["n_removed"],
-                         report["n_groups"], float(threshold), exact_dupes, seconds, False, run_id, report)
+                         report["n_groups"], float(threshold), exact_dupes, time.perf_counter() - run.t0, False,
+                         run.run_id, report)
 
 
 def _matching_index(cat: Catalog, model: str, dataset: str, ids: list[str]) -> FaissIndex | None:

@@ -11,10 +11,12 @@ Layout (every table partitioned by ``dataset=<name>`` so a re-ingest replaces ex
     <root>/runs/<run_id>.json          the ledger
     <root>/state/<stage>/<dataset>.json  completion markers: what a finished stage consumed
 
-Atomicity: a file is written under a temporary name in the same folder and renamed into place; a
-whole partition is built in a staging folder and swapped in with two renames. A crash leaves
-either the old partition or the new one (``recover`` puts back a partition whose swap was cut
-short).
+    <root>/_staging/, _locks/          private to running stages (see ``pipeline.io.runs``)
+
+Atomicity: a file is written under a temporary name in the same folder and renamed into place;
+a stage's outputs are built in its private staging area and swapped in together through a commit
+journal (``pipeline.io.runs``), which the next process to open the catalog finishes if a crash cut
+it short. User-chosen names are checked, never rewritten, and can never reach the private areas.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,37 +68,26 @@ def write_parquet_atomic(table: pa.Table, path: Path, schema: pa.Schema | None =
 def write_json_atomic(obj: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path
 
 
-def commit_dir(staged: Path, final: Path) -> None:
-    """Swap folder ``staged`` into ``final``: the old one is renamed away first, then removed.
-
-    After a crash between the two renames only ``final.old`` exists; :func:`recover_dir` puts it
-    back, so readers always find either the old or the new complete folder.
-    """
-    recover_dir(final)
-    old = final.with_name(final.name + ".old")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staged, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def recover_dir(final: Path) -> None:
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        if final.exists():
-            shutil.rmtree(old)
-        else:
-            os.replace(old, final)
-
-
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def check_name(name: str, what: str = "dataset") -> str:
+    """Refuse (never rewrite) a user-chosen name that would not be one plain folder name."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{what} name {name!r} must be 1-128 letters, digits, '_', '.' or '-', starting"
+                         " with a letter or digit (it becomes a folder name)")
+    return name
 
 
 def safe_name(name: str) -> str:
@@ -122,8 +112,13 @@ class Catalog:
 
     @classmethod
     def at(cls, root: str | os.PathLike) -> "Catalog":
+        from pipeline.io.runs import recover
+
         path = Path(root).expanduser().resolve()
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"catalog path {path} is a file, not a folder")
         path.mkdir(parents=True, exist_ok=True)
+        recover(path)  # finish any commit a crashed run left half-applied
         return cls(path)
 
     # ------------------------------------------------------------ paths
@@ -133,10 +128,11 @@ class Catalog:
         return self.root / TABLE_DIRS[table]
 
     def partition(self, table: str, dataset: str) -> Path:
-        return self.table_dir(table) / f"dataset={dataset}"
+        return self.table_dir(table) / f"dataset={check_name(dataset)}"
 
-    def staging(self, run_id: str) -> Path:
-        return self.root / "_staging" / run_id
+    def dataset_partitions(self, dataset: str) -> dict[str, Path]:
+        """Every ingest-owned partition of ``dataset`` (written and replaced together)."""
+        return {table: self.partition(table, dataset) for table in TABLE_DIRS}
 
     def ledger_path(self, run_id: str) -> Path:
         return self.root / "runs" / f"{run_id}.json"
@@ -144,51 +140,24 @@ class Catalog:
     def state_path(self, stage: str, dataset: str) -> Path:
         return self.root / "state" / stage / f"{dataset}.json"
 
-    # ------------------------------------------------------------ commit
-    def commit_partitions(self, staged: dict[str, Path], dataset: str) -> None:
-        """Swap each staged partition folder into place.
-
-        Tables not present in ``staged`` lose this dataset's partition: a re-ingest that produced
-        no rejects must not keep the rejects of an earlier run.
-        """
-        self.recover(dataset)
-        for table in TABLE_DIRS:
-            final = self.partition(table, dataset)
-            if table in staged:
-                commit_dir(staged[table], final)
-            elif final.exists():
-                shutil.rmtree(final)
-
-    def recover(self, dataset: str) -> None:
-        """Undo swaps that a crash interrupted (an ``.old`` partition with no new one)."""
-        for table in TABLE_DIRS:
-            recover_dir(self.partition(table, dataset))
-
     # ------------------------------------------------------------ stage outputs
     def samples_partition(self, kind: str, dataset: str) -> Path:
         return self.partition(SAMPLE_TABLE[kind], dataset)
 
     def annotation_partition(self, annotator: str, dataset: str) -> Path:
-        return self.root / "annotations" / safe_name(annotator) / f"dataset={dataset}"
+        return self.root / "annotations" / safe_name(annotator) / f"dataset={check_name(dataset)}"
 
     def embedding_partition(self, model: str, dataset: str) -> Path:
-        return self.root / "embeddings" / safe_name(model) / f"dataset={dataset}"
+        return self.root / "embeddings" / safe_name(model) / f"dataset={check_name(dataset)}"
 
     def index_dir(self, model: str, dataset: str) -> Path:
-        return self.root / "indexes" / safe_name(model) / f"dataset={dataset}"
+        return self.root / "indexes" / safe_name(model) / f"dataset={check_name(dataset)}"
 
     def selection_dir(self, name: str) -> Path:
-        return self.root / "selections" / safe_name(name)
+        return self.root / "selections" / check_name(name, "selection")
 
     def curated_dir(self, name: str) -> Path:
-        return self.root / "curated" / safe_name(name)
-
-    def clean_staging(self, run_id: str) -> None:
-        shutil.rmtree(self.staging(run_id), ignore_errors=True)
-        try:
-            self.staging(run_id).parent.rmdir()  # only when no other run is staging
-        except OSError:
-            pass
+        return self.root / "curated" / check_name(name, "curated set")
 
     # ------------------------------------------------------------ ledger and state
     def write_ledger(self, entry: dict[str, Any]) -> Path:
