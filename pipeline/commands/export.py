@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--out", required=True, help="output folder (data files + manifest.json)")
     p.add_argument("--rows-per-file", type=int, default=100_000)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous export in --out (the whole folder; never merged). Without it a "
+                        "non-empty --out is refused; a folder that holds no Thresher export is never replaced")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -28,7 +31,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
         if not (args.plan and args.dataset):
             raise ValueError("--format webdataset needs --plan PLAN.parquet and --dataset NAME")
-        m = export_plan(args.catalog, args.dataset, args.plan, args.out, args.samples_per_shard)
+        m = export_plan(args.catalog, args.dataset, args.plan, args.out, args.samples_per_shard,
+                        overwrite=args.overwrite)
         print(f"exported {m['samples']} samples of {m['steps']} steps as {len(m['shards'])} WebDataset shards "
               f"to {args.out}" + (f"; {m['missing_from_dataset']} plan rows not in the dataset" if m["missing_from_dataset"] else ""))
         return 0
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if not args.curated:
         raise ValueError(f"--format {args.format} needs --curated NAME")
 
-    m = export(args.catalog, args.curated, args.format, args.out, args.rows_per_file)
+    m = export(args.catalog, args.curated, args.format, args.out, args.rows_per_file, overwrite=args.overwrite)
     print(f"exported {m['rows']} conversations as {args.format} to {args.out} ({len(m['files'])} files)"
           + (f"; {m['skipped_without_answer']} without an assistant answer left out" if m["skipped_without_answer"] else ""))
     return 0

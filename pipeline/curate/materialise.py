@@ -5,13 +5,20 @@ materialises it: ``materialise_instructions`` joins the picks with the samples a
 annotations into ``curated/<name>/`` Parquet shards (in rank order), and ``export`` writes those
 as JSONL in the layouts SFT trainers read (ShareGPT, Alpaca, OpenAI messages) or as Parquet, with
 a manifest of parameters, counts and source lineage.
+
+Exports (here and in ``webdataset_export``) are written into a fresh staging folder beside the
+target and renamed into place whole (:func:`staged_export_dir`), so a folder never mixes files of
+two exports: a non-empty target is refused unless ``overwrite=True``, and then it is replaced, not
+merged — and only if it holds a previous Thresher export (a ``manifest.json`` of one).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -155,17 +162,101 @@ def _curated_rows(path: Path) -> Iterator[dict]:
         yield from pq.read_table(shard).to_pylist()
 
 
-def export(catalog: str | Path, name: str, fmt: str, out_dir: str | Path, rows_per_file: int = 100_000) -> dict:
-    """Write curated ``name`` to ``out_dir`` in ``fmt`` plus ``manifest.json``; returns the manifest."""
+def _looks_like_export(folder: Path) -> bool:
+    """A previous Thresher export: a manifest.json of one (``export`` or ``export_plan``) and no
+    sub-folders (exports never write any; a home or project folder almost always has some)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or "catalog" not in manifest:
+        return False
+    if not ({"curated", "format", "files"} <= manifest.keys() or {"plan", "shards"} <= manifest.keys()):
+        return False
+    return not any(entry.is_dir() for entry in folder.iterdir())
+
+
+def check_export_target(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """The absolute target folder, or ValueError when an export must not replace it."""
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    if out.parent == out:
+        raise ValueError(f"refusing to export into {out}; give a folder of its own")
+    if out.is_symlink():
+        raise ValueError(f"{out} is a symbolic link; give the folder it points to, or a new folder")
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    if not any(out.iterdir()):
+        return out
+    if not overwrite:
+        raise ValueError(f"{out} is not empty; pass --overwrite to replace it")
+    if not _looks_like_export(out):
+        raise ValueError(f"{out} is not empty and does not hold a previous Thresher export (no export "
+                         "manifest.json, or it has sub-folders); refusing to replace it even with --overwrite. "
+                         "Choose a new or empty --out folder")
+    return out
+
+
+@contextmanager
+def staged_export_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh staging folder ``<out>.tmp-<id>`` beside ``out_dir``; swap it in on success.
+
+    The target is checked first (:func:`check_export_target`) and again before the swap. An old
+    folder is renamed away, the new one renamed in, then the old one removed, so the target is
+    always one whole export. On error the staging folder is removed and the target is untouched.
+    """
+    out = check_export_target(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    staging = out.with_name(f"{out.name}.tmp-{token}")
+    staging.mkdir()
+    try:
+        yield staging
+        check_export_target(out, overwrite)
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{token}")
+            os.replace(out, old)
+            try:
+                os.replace(staging, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def export(catalog: str | Path, name: str, fmt: str, out_dir: str | Path, rows_per_file: int = 100_000,
+           overwrite: bool = False) -> dict:
+    """Write curated ``name`` to ``out_dir`` in ``fmt`` plus ``manifest.json``; returns the manifest.
+
+    ``out_dir`` must be new or empty unless ``overwrite``; then a previous export there is replaced
+    whole (see :func:`staged_export_dir`).
+    """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {EXPORT_FORMATS}")
     cat = Catalog.at(catalog)
     src = cat.curated_dir(name)
     if not src.is_dir():
         raise FileNotFoundError(f"no curated set {name!r} in {cat.root}; run the curate flow or `thresher curate` first")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     info = json.loads((src / "_curated.json").read_text()) if (src / "_curated.json").exists() else {}
+    with staged_export_dir(out_dir, overwrite) as stage:
+        written, skipped, files, sources = _write_export(src, fmt, stage, rows_per_file)
+        manifest = {
+            "curated": name, "format": fmt, "files": files, "rows": written,
+            "skipped_without_answer": skipped, "selection": info, "sources": sources,
+            "catalog": str(cat.root),
+        }
+        write_json_atomic(manifest, stage / "manifest.json")
+    return manifest
+
+
+def _write_export(src: Path, fmt: str, out_dir: Path, rows_per_file: int) -> tuple[int, int, list[str], dict]:
+    """Data files of one export into ``out_dir``: (rows written, rows skipped, file names, rows per source)."""
     written, skipped, files, sources = 0, 0, [], {}
     if fmt == "parquet":
         table = pq.read_table(src)
@@ -175,33 +266,27 @@ def export(catalog: str | Path, name: str, fmt: str, out_dir: str | Path, rows_p
         written = table.num_rows
         for uri in table.column("source_uri").to_pylist():
             sources[uri] = sources.get(uri, 0) + 1
-    else:
-        fh, tmp, k = None, None, 0
-        try:
-            for row in _curated_rows(src):
-                rec = to_layout(row, fmt)
-                if rec is None:
-                    skipped += 1
-                    continue
-                if fh is None or written % rows_per_file == 0 and written:
-                    if fh is not None:
-                        fh.close()
-                        os.replace(tmp, out_dir / files[-1])
-                    files.append(f"data-{k:05d}.jsonl")
-                    tmp = out_dir / f".{files[-1]}.tmp"
-                    fh = open(tmp, "w", encoding="utf-8")
-                    k += 1
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                written += 1
-                sources[row["source_uri"]] = sources.get(row["source_uri"], 0) + 1
-        finally:
-            if fh is not None:
-                fh.close()
-                os.replace(tmp, out_dir / files[-1])
-    manifest = {
-        "curated": name, "format": fmt, "files": files, "rows": written,
-        "skipped_without_answer": skipped, "selection": info, "sources": sources,
-        "catalog": str(cat.root),
-    }
-    write_json_atomic(manifest, out_dir / "manifest.json")
-    return manifest
+        return written, skipped, files, sources
+    fh, tmp, k = None, None, 0
+    try:
+        for row in _curated_rows(src):
+            rec = to_layout(row, fmt)
+            if rec is None:
+                skipped += 1
+                continue
+            if fh is None or written % rows_per_file == 0 and written:
+                if fh is not None:
+                    fh.close()
+                    os.replace(tmp, out_dir / files[-1])
+                files.append(f"data-{k:05d}.jsonl")
+                tmp = out_dir / f".{files[-1]}.tmp"
+                fh = open(tmp, "w", encoding="utf-8")
+                k += 1
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            written += 1
+            sources[row["source_uri"]] = sources.get(row["source_uri"], 0) + 1
+    finally:
+        if fh is not None:
+            fh.close()
+            os.replace(tmp, out_dir / files[-1])
+    return written, skipped, files, sources

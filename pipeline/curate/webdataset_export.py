@@ -5,6 +5,8 @@ Each tar member group is ``<key>.<ext>`` (the image bytes exactly as ingested), 
 open_clip's WebDataset loader reads (``--train-data 'shard-{00000..N}.tar'`` with the default
 ``jpg;png;jpeg;webp`` / ``txt`` keys). Keys are ``<step>_<position>`` so that the tar order is
 the training order of the plan; members carry a fixed mtime so the same plan gives the same bytes.
+The folder is written in a staging folder and swapped in whole (``materialise.staged_export_dir``):
+a non-empty ``out_dir`` is refused unless ``overwrite=True``, and then replaced, never merged.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.curate import annotations
+from pipeline.curate.materialise import check_export_target, staged_export_dir
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
@@ -35,15 +38,18 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: str | Path,
-                samples_per_shard: int = 1000, concepts: str | None = None) -> dict[str, Any]:
-    """Write the samples of ``plan`` (step, position, sample_id, gain) as WebDataset shards."""
+                samples_per_shard: int = 1000, concepts: str | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Write the samples of ``plan`` (step, position, sample_id, gain) as WebDataset shards.
+
+    ``out_dir`` must be new or empty unless ``overwrite``; then a previous export there is replaced whole.
+    """
     cat = Catalog.at(catalog)
     samples = cat.samples_partition("image_text", dataset)
     if not samples.is_dir():
         raise FileNotFoundError(f"no image-text samples for dataset {dataset!r} in {cat.root}")
+    check_export_target(out_dir, overwrite)  # refuse before the join, not after it
     plan_table = pq.read_table(plan)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
     con.register("plan", plan_table)
     con.read_parquet(str(samples / "*.parquet")).create_view("s")
@@ -61,6 +67,21 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
         ORDER BY p.step, p.position""")
     rows = (rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()).to_pylist()
     missing = plan_table.num_rows - len(rows)
+    with staged_export_dir(out_dir, overwrite) as stage:
+        shards = _write_shards(rows, stage, samples_per_shard)
+        if rows:
+            curated = pa.Table.from_pylist([{k: r[k] for k in ("step", "position", "sample_id", "gain", "caption",
+                                                               "image_format", "width", "height", "source_uri")}
+                                            for r in rows])
+            write_parquet_atomic(curated, stage / "curated.parquet")
+        manifest = {"dataset": dataset, "plan": str(plan), "shards": shards, "samples": len(rows),
+                    "missing_from_dataset": missing, "steps": len({r["step"] for r in rows}),
+                    "concepts_from": concept_part.parent.name if concept_part else None, "catalog": str(cat.root)}
+        write_json_atomic(manifest, stage / "manifest.json")
+    return manifest
+
+
+def _write_shards(rows: list[dict[str, Any]], out_dir: Path, samples_per_shard: int) -> list[str]:
     shards: list[str] = []
     for start in range(0, len(rows), samples_per_shard):
         name = f"shard-{len(shards):05d}.tar"
@@ -77,13 +98,4 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
                 _member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
         os.replace(tmp, out_dir / name)
         shards.append(name)
-    curated = pa.Table.from_pylist([{k: r[k] for k in ("step", "position", "sample_id", "gain", "caption",
-                                                       "image_format", "width", "height", "source_uri")}
-                                    for r in rows]) if rows else pa.table({})
-    if rows:
-        write_parquet_atomic(curated, out_dir / "curated.parquet")
-    manifest = {"dataset": dataset, "plan": str(plan), "shards": shards, "samples": len(rows),
-                "missing_from_dataset": missing, "steps": len({r["step"] for r in rows}),
-                "concepts_from": concept_part.parent.name if concept_part else None, "catalog": str(cat.root)}
-    write_json_atomic(manifest, out_dir / "manifest.json")
-    return manifest
+    return shards
