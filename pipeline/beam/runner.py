@@ -3,16 +3,26 @@
 Locally we run Beam's portable FnApiRunner directly: in one process (``workers == 1``) or with
 ``direct_running_mode=multi_processing`` (one SDK worker process per core). We never fall back to
 Beam's Prism runner, which downloads a binary and so fails offline. Any other runner (Flink,
-Spark, Dataflow) is used as soon as ``--runner`` appears in ``beam_args``; all its options pass
-through unchanged.
+Spark, Dataflow) is used as soon as ``--runner`` appears in ``beam_args``; its options pass
+through unchanged. :func:`validate_beam_args` checks such arguments against the options Beam
+defines, so that a typo fails at once instead of being ignored by Beam.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import argparse
+import difflib
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+)
 
 
 def make_pipeline_options(workers: int = 1, beam_args: list[str] | None = None) -> PipelineOptions:
@@ -41,3 +51,181 @@ def run_pipeline(build: Callable[[beam.Pipeline], Any], options: PipelineOptions
     result = p.run()
     result.wait_until_finish()
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Checking pass-through arguments before any work starts
+# --------------------------------------------------------------------------------------------
+
+# Runners that submit to a job service: the service may define further options of its own
+# (Beam asks it for them at submit time), so names unknown here can still be valid there.
+JOB_SERVICE_RUNNERS = frozenset({"flinkrunner", "sparkrunner", "portablerunner", "prismrunner",
+                                 "kafkastreamsrunner"})
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"  # Beam knows it only by this full name
+
+
+class BeamArgProblem(NamedTuple):
+    """One thing wrong with the arguments meant for Beam.
+
+    ``option`` is the offending ``--flag`` as typed (without ``=value``), or ``None`` for a stray
+    value; ``unknown`` is true when the flag is no Beam option at all (a caller may suggest a
+    close name); ``runner_may_define`` is true when the chosen runner's job service might still
+    accept it.
+    """
+
+    option: str | None
+    message: str
+    unknown: bool = False
+    runner_may_define: bool = False
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _ArgError(Exception):
+    pass
+
+
+class _CheckingParser(argparse.ArgumentParser):
+    """Beam's own option parser (no abbreviations), raising instead of exiting on bad values."""
+
+    def __init__(self) -> None:
+        super().__init__(allow_abbrev=False, add_help=False, conflict_handler="resolve")
+
+    def add_value_provider_argument(self, *args, **kwargs):  # templated (ValueProvider) options
+        kwargs.pop("type", None)
+        self.add_argument(*args, **kwargs)
+
+    def error(self, message):
+        raise _ArgError(message)
+
+
+def _option_classes() -> list[type]:
+    """Every PipelineOptions subclass that defines options (direct and deeper), Beam's first."""
+    try:  # not imported by Beam by default; needs dask, which may be absent
+        import apache_beam.runners.dask.dask_runner  # noqa: F401
+    except ImportError:
+        pass
+    seen: dict[str, type] = {}
+    stack = list(PipelineOptions.__subclasses__())
+    while stack:
+        cls = stack.pop(0)
+        if "_add_argparse_args" in cls.__dict__:
+            seen.setdefault(f"{cls.__module__}.{cls.__qualname__}", cls)
+        stack.extend(cls.__subclasses__())
+    return list(seen.values())
+
+
+def _dask_options_from_source() -> list[tuple[str, bool]]:
+    """(--flag, is_switch) pairs of Beam's DaskOptions, read from its source when dask is missing.
+
+    Beam's Dask runner module imports dask at the top, so without dask installed its options are
+    unknown to Python; reading them from the file keeps ``--dask_client_address ...`` accepted
+    (the run itself then says that dask is missing).
+    """
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("apache_beam.runners.dask.dask_runner")
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8")) if spec and spec.origin else None
+    except (ImportError, OSError, SyntaxError):
+        return []
+    found = []
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "DaskOptions") if tree else ():
+        for call in (n for n in ast.walk(cls) if isinstance(n, ast.Call)):
+            if not (isinstance(call.func, ast.Attribute) and call.func.attr == "add_argument" and call.args):
+                continue
+            first = call.args[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str) and first.value.startswith("--"):
+                action = next((k.value.value for k in call.keywords if k.arg == "action"
+                               and isinstance(k.value, ast.Constant)), None)
+                found.append((first.value, action in ("store_true", "store_false")))
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _beam_parser() -> _CheckingParser:
+    parser = _CheckingParser()
+    for cls in _option_classes():
+        cls._add_argparse_args(parser)  # pylint: disable=protected-access
+    known = {s for a in parser._actions for s in a.option_strings}  # pylint: disable=protected-access
+    for flag, switch in _dask_options_from_source():
+        if flag not in known:
+            parser.add_argument(flag, action="store_true" if switch else "store")
+    return parser
+
+
+def beam_option_names() -> list[str]:
+    """Every ``--flag`` Beam's options classes define (plus the Dask runner's), sorted."""
+    actions = _beam_parser()._actions  # pylint: disable=protected-access
+    return sorted({s for a in actions for s in a.option_strings if s.startswith("--")})
+
+
+def known_runner_names() -> list[str]:
+    """The short names ``--runner`` accepts (case-insensitive, the ``Runner`` suffix optional)."""
+    return list(StandardOptions.KNOWN_RUNNER_NAMES)
+
+
+def _runner_problem(runner: str) -> BeamArgProblem | None:
+    if "." in runner:  # a fully qualified PipelineRunner class: Beam imports it when the job starts
+        return None
+    names = {n.lower(): n for n in known_runner_names()}
+    if runner.lower() in names or runner.lower() + "runner" in names or runner.lower() == "pythonrpcdirectrunner":
+        return None
+    if runner.lower() in ("dask", "daskrunner"):
+        return BeamArgProblem("--runner", f"Beam knows the Dask runner only by its full name: --runner {DASK_RUNNER}")
+    close = difflib.get_close_matches(runner, list(names.values()), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(names.values())}"
+    return BeamArgProblem("--runner", f"unknown runner {runner!r} for --runner{hint}")
+
+
+def _looks_like_option(token: str) -> bool:
+    if not token.startswith("-") or token in ("-", "--"):
+        return False
+    try:
+        float(token)  # a negative number is a value
+        return False
+    except ValueError:
+        return True
+
+
+def validate_beam_args(args: list[str]) -> list[BeamArgProblem]:
+    """Problems with arguments meant for Beam: unknown options, bad values, an unknown runner.
+
+    An empty list means Beam accepts every argument. Options are those that Beam's
+    ``PipelineOptions`` subclasses define (and the Dask runner's); when ``--runner`` names a
+    runner that submits to a job service (Flink, Spark, Portable, Prism), other options may be
+    defined by that service, and are flagged with ``runner_may_define``.
+    """
+    args = list(args)
+    if not args:
+        return []
+    try:
+        known, unknown = _beam_parser().parse_known_args(args)
+    except _ArgError as exc:
+        return [BeamArgProblem(None, str(exc))]
+    problems = []
+    runner = getattr(known, "runner", None)
+    if runner:
+        problem = _runner_problem(str(runner))
+        if problem:
+            problems.append(problem)
+    job_service = bool(runner) and str(runner).rsplit(".", 1)[-1].lower() in JOB_SERVICE_RUNNERS
+    i = 0
+    while i < len(unknown):
+        token = unknown[i]
+        if token == "--":
+            problems.append(BeamArgProblem(None, f"unexpected arguments after --: {' '.join(unknown[i + 1:])}"))
+            break
+        if _looks_like_option(token):
+            flag = token.split("=", 1)[0]
+            problems.append(BeamArgProblem(flag, f"unrecognised option {flag}", unknown=True,
+                                           runner_may_define=job_service))
+            # its value, if any, belongs to it: do not report it separately
+            if "=" not in token and i + 1 < len(unknown) and not _looks_like_option(unknown[i + 1]):
+                i += 1
+        else:
+            problems.append(BeamArgProblem(None, f"unexpected argument {token!r}"))
+        i += 1
+    return problems

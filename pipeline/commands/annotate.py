@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     quality.add_argument("--no-embed", action="store_true",
                          help="offline: skip the MiniLM on-topic feature (faster, slightly weaker)")
     vocab = sub.add_parser("tag-vocab", help="normalise, merge and prune a tag list; report what was done")
+    vocab.set_defaults(passes_extra_args=False)  # not a Beam job: no pass-through flags
     vocab.add_argument("--input", required=True, help="text file: one tag per line, or tag<TAB>count")
     vocab.add_argument("--report", action="store_true", help="print every merge and drop, not only the totals")
     vocab.add_argument("--min-frequency", type=int, default=1, help="drop merged tags seen fewer times")

@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="concepts_command", required=True)
 
     v = sub.add_parser("vocab", help="normalise, merge near-duplicates, drop unsafe and rare terms; write a vocabulary")
+    v.set_defaults(passes_extra_args=False)  # only `annotate` is a Beam job
     v.add_argument("--input", action="append", default=[], metavar="FILE",
                    help="vocabulary file(s): concept<TAB>synonyms|...<TAB>category[<TAB>count], or one term per "
                         "line; repeat to combine (earlier files win merges)")
@@ -55,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--force", action="store_true")
 
     m = sub.add_parser("match", help="print the concepts the caption annotator finds in some text")
+    m.set_defaults(passes_extra_args=False)
     m.add_argument("text", nargs="+")
     m.add_argument("--vocabulary", default=None)
     m.add_argument("--mentions", action="store_true", help="print every mention with its span and count")
