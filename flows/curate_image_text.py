@@ -60,7 +60,7 @@ def plan_task(catalog: str, dataset: str, near_dup_annotator: str | None, mode: 
 def export_task(catalog: str, dataset: str, plan: str, out_dir: str) -> dict[str, Any]:
     from pipeline.curate.webdataset_export import export_plan
 
-    return export_plan(catalog, dataset, plan, out_dir)
+    return export_plan(catalog, dataset, plan, out_dir, overwrite=True)  # the flow owns this folder
 
 
 @flow(name="curate_image_text", log_prints=True)

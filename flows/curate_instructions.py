@@ -66,7 +66,7 @@ def curate_task(catalog: str, dataset: str, picks: str, name: str, export_dir: s
     from pipeline.curate.materialise import export, materialise_instructions
 
     curated = materialise_instructions(catalog, dataset, picks, name, "mig")
-    manifests = {fmt: export(catalog, name, fmt, Path(export_dir) / fmt) for fmt in formats}
+    manifests = {fmt: export(catalog, name, fmt, Path(export_dir) / fmt, overwrite=True) for fmt in formats}
     return {"curated": asdict(curated), "exports": {k: v["rows"] for k, v in manifests.items()}}
 
 

@@ -31,6 +31,7 @@ import duckdb
 import pyarrow as pa
 
 import schemas
+from pipeline.io.runs import recover
 
 
 def sql_dir() -> Path:
@@ -79,6 +80,7 @@ def connect(catalog: str | Path, extra_views: dict[str, str] | None = None,
     root = Path(catalog).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"catalog {root} does not exist; run `thresher ingest` or `thresher demo` first")
+    recover(root)  # a commit cut short by a crash is finished before anything is read
     con = duckdb.connect()
     con.execute("SET VARIABLE thresher_root = ?", [str(root)])
     views = sql_dir() / "views"
