@@ -26,6 +26,10 @@ def roles(conv):
         ({"instruction": "Do", "instances": [{"input": "a", "output": "b"}, {"input": "c", "output": "d"}]},
          "task_instances", [(U, "Do\n\na"), (A, "b"), (U, "c"), (A, "d")]),
         ({"dialogs": ["q1", "a1", "q2", "a2"], "annotation": {}}, "xsample", [(U, "q1"), (A, "a1"), (U, "q2"), (A, "a2")]),
+        ({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."},
+         "hh_rlhf", [(U, "Hi"), (A, "Hello!")]),
+        ({"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                       {"role": "assistant", "content": "Hello"}]}, "openai_messages", [(S, "Be brief."), (U, "Hi"), (A, "Hello")]),
     ],
 )
 def test_layouts_normalise_to_canonical_messages(record, layout, expected):
@@ -37,7 +41,7 @@ def test_layouts_normalise_to_canonical_messages(record, layout, expected):
 
 def test_every_layout_is_covered_by_a_case():
     assert set(LAYOUTS) == {"xsample", "sharegpt", "openai_messages", "task_instances", "alpaca",
-                            "prompt_completion", "question_answer", "turns"}
+                            "prompt_completion", "question_answer", "turns", "hh_rlhf"}
 
 
 def test_unused_fields_become_metadata():

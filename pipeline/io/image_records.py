@@ -22,9 +22,9 @@ from PIL import Image, ImageFile
 
 from pipeline.io.image_sources import DATACONCEPT_FIELDS
 from pipeline.io.instruction_formats import metadata_json
-from pipeline.io.rejects import RecordRejected
+from pipeline.io.rejects import JobError, RecordRejected
 from pipeline.io.sample_id import image_text_id
-from pipeline.io.sources import RawItem, ReadLimits, Unit
+from pipeline.io.sources import RawItem, ReadLimits, Unit, loads_json
 
 INPUT_ANNOTATOR = "input"
 
@@ -42,8 +42,8 @@ def parse_image_item(unit: Unit, item: RawItem, limits: ReadLimits) -> tuple[dic
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # With this flag PIL pads a cut-off image with grey instead of failing: corrupt images
         # would pass as samples. Some other import set it; ingest must not run that way.
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; image ingest needs it False "
-                           "to reject truncated images. Find the module that sets it and keep it local.")
+        raise JobError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; image ingest needs it False "
+                       "to reject truncated images. Find the module that sets it and keep it local.")
     payload = item.payload
     if not isinstance(payload, dict):
         raise RecordRejected("unknown_layout", f"image-text payload must be a dict, got {type(payload).__name__}")
@@ -180,7 +180,7 @@ def _sidecar_json(payload: dict[str, Any], limits: ReadLimits) -> dict[str, Any]
     if raw is None:
         return None
     try:
-        data = json.loads(raw.decode("utf-8-sig"))
+        data = loads_json(raw.decode("utf-8-sig"))  # too deep: RecordRejected("too_deep")
     except UnicodeDecodeError as exc:
         raise RecordRejected("invalid_utf8", f"JSON sidecar is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:

@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from pipeline.io.rejects import Reject
-from pipeline.io.sources import IMAGE_EXTENSIONS, IMAGE_TEXT, Chunk, RawItem, ReadLimits, Unit
+from pipeline.io.rejects import RecordRejected, Reject
+from pipeline.io.sources import (IMAGE_EXTENSIONS, IMAGE_TEXT, UTF8_BOM, Chunk, RawItem, ReadLimits, Unit,
+                                 iter_json_elements, loads_json)
 
 CONTAINERS = ("image_folder", "webdataset", "parquet", "nlvr")
 CAPTION_FROM = ("auto", "dirname", "none")
@@ -47,9 +48,12 @@ CAPTION_FROM = ("auto", "dirname", "none")
 OPTION_NAMES = ("caption_from", "image_column", "caption_column")
 
 # Caption sidecars of an image folder, in the order they are consulted.
-SIDECAR_NAMES = ("captions.csv", "captions.jsonl", "metadata.jsonl", "metadata.csv")
-SIDECAR_FILE_COLUMNS = ("file_name", "image", "path", "filename")
-CAPTION_COLUMNS = ("caption", "text", "TEXT", "sentence")
+SIDECAR_NAMES = ("captions.csv", "captions.jsonl", "captions.json", "metadata.jsonl", "metadata.csv")
+# Column names that name a sidecar row's image, and its caption (also the caption columns of
+# Parquet files), first match wins; matched case-insensitively. ``image_column`` and
+# ``caption_column`` options (``--image-column``/``--caption-column``) name others.
+SIDECAR_FILE_COLUMNS = ("file_name", "image", "file", "filename", "path", "image_path", "img", "image_file", "file_path")
+CAPTION_COLUMNS = ("caption", "text", "TEXT", "sentence", "title", "description", "prompt")
 # DataConcept annotation fields (per-box classes/scores/boxes, image-level tags).
 DATACONCEPT_FIELDS = ("classes", "scores", "bounding_boxes", "tags")
 
@@ -260,69 +264,152 @@ class _SidecarEntry:
     dataconcept: dict[str, Any] | None
 
 
-def _sidecar_rows(unit: Unit, sidecar: Path, root: Path) -> tuple[list[dict[str, Any]], list[Reject]]:
+def _sidecar_rows(unit: Unit, sidecar: Path, root: Path,
+                  limits: ReadLimits) -> tuple[list[dict[str, Any]], list[str], list[Reject]]:
+    """(rows, column names in order of first appearance, rejects) of one caption sidecar.
+
+    A bad line of a JSONL sidecar or a bad element of a JSON one is one reject and the others are
+    read; a CSV that breaks off keeps the rows before the damage. Never raises for bad content.
+    """
     member = sidecar.relative_to(root).as_posix()
     try:
         raw = sidecar.read_bytes()
     except OSError as exc:
-        return [], [_reject(unit, "unreadable_file", f"caption sidecar: {exc}", member=member)]
+        return [], [], [_reject(unit, "unreadable_file", f"caption sidecar: {exc}", member=member)]
+    name = sidecar.name.lower()
+    if name.endswith(".json"):
+        return _json_sidecar_rows(unit, raw, member, limits)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        return [], [_reject(unit, "invalid_utf8", f"caption sidecar is not UTF-8 ({exc.reason} at byte {exc.start})",
-                            member=member, raw=raw)]
-    if sidecar.name.lower().endswith(".csv"):
+        return [], [], [_reject(unit, "invalid_utf8", f"caption sidecar is not UTF-8 ({exc.reason} at byte {exc.start})",
+                                member=member, raw=raw)]
+    if name.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text))
+        rows: list[dict[str, Any]] = []
         try:
-            return [dict(r) for r in csv.DictReader(io.StringIO(text))], []
+            for r in reader:
+                rows.append({(k.strip() if isinstance(k, str) else k): v for k, v in r.items()})
         except csv.Error as exc:
-            return [], [_reject(unit, "malformed_csv", f"caption sidecar: {exc}", member=member, raw=raw)]
+            # What was read before the damage stays; the rest of the file is one reject.
+            return rows, _columns(reader.fieldnames, rows), [_reject(
+                unit, "malformed_csv", f"caption sidecar line {reader.line_num}: {exc}; the rows after it were not read",
+                member=member)]
+        return rows, _columns(reader.fieldnames, rows), []
     rows, rejects = [], []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        if line.startswith("\ufeff"):
+            line = line[1:]
         try:
-            rec = json.loads(line)
+            rec = loads_json(line)
         except json.JSONDecodeError as exc:
             rejects.append(_reject(unit, "malformed_json", f"caption sidecar line {lineno}: {exc.msg}", member=member, raw=line))
+            continue
+        except RecordRejected as rej:  # too_deep
+            rejects.append(_reject(unit, rej.reason, f"caption sidecar line {lineno}: {rej.detail}", member=member, raw=line))
             continue
         if not isinstance(rec, dict):
             rejects.append(_reject(unit, "malformed_json", f"caption sidecar line {lineno} is not a JSON object",
                                    member=member, raw=line))
             continue
         rows.append(rec)
-    return rows, rejects
+    return rows, _columns(None, rows), rejects
 
 
-def _first_key(record: dict[str, Any], names: tuple[str, ...]) -> str | None:
-    for n in names:
-        if n in record:
+def _json_sidecar_rows(unit: Unit, raw: bytes, member: str,
+                       limits: ReadLimits) -> tuple[list[dict[str, Any]], list[str], list[Reject]]:
+    """``captions.json``: an array of row objects, or one object mapping image path -> caption
+    (or -> an object of fields). Each broken array element is one reject."""
+    rows, rejects = [], []
+    for el in iter_json_elements(io.BytesIO(raw), limits.max_record_bytes):
+        where = f"caption sidecar element {el.index}" if el.index >= 0 else "caption sidecar"
+        if el.reject is not None:
+            rejects.append(_reject(unit, el.reject.reason, f"{where}: {el.reject.detail}", member=member, raw=el.raw))
+        elif isinstance(el.value, dict) and el.index >= 0 and raw.lstrip(UTF8_BOM + b" \t\r\n").startswith(b"{"):
+            # one object: a mapping from image path to caption or fields
+            for key, value in el.value.items():
+                if isinstance(value, str):
+                    rows.append({"file_name": key, "caption": value})
+                elif isinstance(value, dict):
+                    rows.append({**value, "file_name": key})
+                else:
+                    rejects.append(_reject(unit, "malformed_json", f"caption sidecar entry {key!r} must be a caption "
+                                           f"string or an object, got {type(value).__name__}", member=member))
+        elif isinstance(el.value, dict):
+            rows.append(el.value)
+        else:
+            rejects.append(_reject(unit, "malformed_json", f"{where} is not a JSON object", member=member,
+                                   raw=json.dumps(el.value, default=str)[:600]))
+    return rows, _columns(None, rows), rejects
+
+
+def _columns(header: Any, rows: list[dict[str, Any]]) -> list[str]:
+    if header:
+        return [h.strip() for h in header if isinstance(h, str)]
+    return list(dict.fromkeys(k for r in rows for k in r if isinstance(k, str)))
+
+
+def _resolve_column(columns: list[str], names: tuple[str, ...], forced: str | None) -> str | None:
+    """The column to use: ``forced`` if given (exact, else case-insensitive), else the first of
+    ``names`` present (exact, else case-insensitive)."""
+    lower = {}
+    for c in columns:
+        lower.setdefault(c.lower(), c)
+    for n in ([forced] if forced else names):
+        if n in columns:
             return n
+        if n.lower() in lower:
+            return lower[n.lower()]
     return None
 
 
-def _load_sidecars(unit: Unit, root: Path, folder: Path, names: set[str]) -> tuple[list[dict[str, _SidecarEntry]], list[Reject]]:
+def _load_sidecars(unit: Unit, root: Path, folder: Path, names: set[str],
+                   limits: ReadLimits = ReadLimits()) -> tuple[list[dict[str, _SidecarEntry]], list[Reject]]:
     """Parse the caption sidecars of one folder: a list (in SIDECAR_NAMES order) of rel-path -> entry."""
     tables, rejects = [], []
     lower = {n.lower(): n for n in names}
+    forced_image, forced_caption = unit.option("image_column"), unit.option("caption_column")
     for wanted in SIDECAR_NAMES:
         if wanted not in lower:
             continue
         sidecar = folder / lower[wanted]
-        rows, bad = _sidecar_rows(unit, sidecar, root)
+        member = sidecar.relative_to(root).as_posix()
+        rows, columns, bad = _sidecar_rows(unit, sidecar, root, limits)
         rejects.extend(bad)
+        if not rows:
+            continue
+        fcol = _resolve_column(columns, SIDECAR_FILE_COLUMNS, forced_image)
+        ccol = _resolve_column(columns, CAPTION_COLUMNS, forced_caption)
+        missing = []
+        if fcol is None:
+            missing.append(f"no column {forced_image!r} (--image-column)" if forced_image else
+                           f"no image column (one of {list(SIDECAR_FILE_COLUMNS)})")
+        if ccol is None and forced_caption:
+            missing.append(f"no column {forced_caption!r} (--caption-column)")
+        if missing:
+            # One reject for the whole sidecar: its rows cannot be matched to images at all.
+            rejects.append(_reject(unit, "unknown_layout",
+                                   f"caption sidecar {member} has {' and '.join(missing)}; its columns are {columns}. "
+                                   "Name them with --image-column / --caption-column (options image_column, "
+                                   f"caption_column); its {len(rows)} row(s) were not used", member=member))
+            continue
         table: dict[str, _SidecarEntry] = {}
         for lineno, rec in enumerate(rows, 1):
-            fkey, ckey = _first_key(rec, SIDECAR_FILE_COLUMNS), _first_key(rec, CAPTION_COLUMNS)
-            if fkey is None or not isinstance(rec[fkey], str) or not rec[fkey].strip():
+            fkey = fcol if fcol in rec or forced_image else _resolve_column(list(rec), SIDECAR_FILE_COLUMNS, None)
+            ckey = ccol if ccol in rec or forced_caption else _resolve_column(list(rec), CAPTION_COLUMNS, None)
+            value = rec.get(fkey) if fkey else None
+            if not isinstance(value, str) or not value.strip():
                 rejects.append(_reject(unit, "missing_field",
-                                       f"caption sidecar row {lineno} names no image (columns {list(SIDECAR_FILE_COLUMNS)})",
-                                       member=sidecar.relative_to(root).as_posix(), raw=json.dumps(rec, default=str)))
+                                       f"caption sidecar row {lineno} names no image (column {fcol!r} is empty or missing)",
+                                       member=member, raw=json.dumps(rec, default=str)))
                 continue
-            rel = os.path.normpath(rec[fkey].strip().replace("\\", "/"))
+            rel = os.path.normpath(value.strip().replace("\\", "/"))
             if rel.startswith(("/", "..")) or re.match(r"^[A-Za-z]:", rel):
-                rejects.append(_reject(unit, "unsafe_path", f"caption sidecar row {lineno} names {rec[fkey]!r}, outside "
+                rejects.append(_reject(unit, "unsafe_path", f"caption sidecar row {lineno} names {value!r}, outside "
                                        "the sidecar's folder; name images relative to it",
-                                       member=sidecar.relative_to(root).as_posix(), raw=json.dumps(rec, default=str)))
+                                       member=member, raw=json.dumps(rec, default=str)))
                 continue
             caption = rec.get(ckey) if ckey else None
             meta = {k: v for k, v in rec.items()
@@ -357,7 +444,7 @@ def _folder_chunks(unit: Unit, root: Path, limits: ReadLimits) -> Iterator[Chunk
     sidecars: dict[Path, list[dict[str, _SidecarEntry]]] = {}
     if caption_from == "auto":
         for folder, names in sorted(by_folder.items()):
-            tables, rejects = _load_sidecars(unit, root, folder, set(names))
+            tables, rejects = _load_sidecars(unit, root, folder, set(names), limits)
             for r in rejects:
                 batch.reject(r)
             if tables:
@@ -756,19 +843,23 @@ def _parquet_item(unit: Unit, chunk: Chunk, offset: int, row: dict[str, Any], la
 # ---- NLVR
 
 
-def _nlvr_records(path: Path, unit: Unit) -> Iterator[tuple[int, Any, bytes]]:
-    """(row, record or a Reject, raw line) for each row of a JSONL (or JSON array) NLVR file."""
+def _nlvr_records(path: Path, unit: Unit, limits: ReadLimits = ReadLimits()) -> Iterator[tuple[int, Any, bytes]]:
+    """(row, record or a Reject, raw line) for each row of a JSONL (or JSON array) NLVR file.
+
+    A bad row (not UTF-8, not JSON, nested too deep) is a reject of that row only.
+    """
     with open(path, "rb") as f:
-        head = f.read(64).lstrip()
-    if head.startswith(b"["):
-        raw = path.read_bytes()
-        try:
-            rows = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            yield -1, _reject(unit, "malformed_json", f"the file is not valid JSON: {exc}", raw=raw), raw
-            return
-        for row, rec in enumerate(rows):
-            yield row, rec, b""
+        head = f.read(64)
+    if head.startswith(UTF8_BOM):
+        head = head[len(UTF8_BOM):]
+    if head.lstrip().startswith(b"["):
+        with open(path, "rb") as f:
+            for el in iter_json_elements(f, limits.max_record_bytes):
+                if el.reject is not None:
+                    offset = el.index * NLVR_OFFSET_STRIDE if el.index >= 0 else -1
+                    yield el.index, _reject(unit, el.reject.reason, el.reject.detail, offset, raw=el.raw), b""
+                else:
+                    yield el.index, el.value, b""
         return
     with open(path, "rb") as f:
         for row, line in enumerate(f):
@@ -778,14 +869,18 @@ def _nlvr_records(path: Path, unit: Unit) -> Iterator[tuple[int, Any, bytes]]:
                 yield row, _reject(unit, "invalid_utf8", f"line is not UTF-8 ({exc.reason} at byte {exc.start})",
                                    row * NLVR_OFFSET_STRIDE, raw=line), line
                 continue
+            if text.startswith("\ufeff"):
+                text = text[1:]
             if not text.strip():
                 yield row, _reject(unit, "blank_line", "the line is empty", row * NLVR_OFFSET_STRIDE), line
                 continue
             try:
-                yield row, json.loads(text), line
+                yield row, loads_json(text), line
             except json.JSONDecodeError as exc:
                 yield row, _reject(unit, "malformed_json", f"{exc.msg} at column {exc.colno}",
                                    row * NLVR_OFFSET_STRIDE, raw=line), line
+            except RecordRejected as rej:  # too_deep
+                yield row, _reject(unit, rej.reason, rej.detail, row * NLVR_OFFSET_STRIDE, raw=line), line
 
 
 class _NlvrImages:
@@ -817,7 +912,7 @@ def _nlvr_chunks(unit: Unit, path: Path, limits: ReadLimits) -> Iterator[Chunk]:
     base = path.parent
     images = _NlvrImages(base / "images", split)
     batch = _Batcher(unit, limits)
-    for row, rec, raw in _nlvr_records(path, unit):
+    for row, rec, raw in _nlvr_records(path, unit, limits):
         if isinstance(rec, Reject):
             batch.reject(rec)
             continue

@@ -9,6 +9,7 @@ code so that the caller can write it to ``rejects/`` instead of dropping it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ from pipeline.io.rejects import RecordRejected
 
 ROLE_ALIASES = {
     "system": "system",
+    "developer": "system",  # OpenAI's newer name for system instructions (o1 and later)
     "user": "user",
     "human": "user",
     "prompter": "user",
@@ -213,6 +215,70 @@ def _xsample(r: dict) -> Conversation:
     return Conversation(_nonempty(messages), "xsample", meta, tags, quality, complexity)
 
 
+# Anthropic HH-RLHF transcripts: "\n\nHuman: ...\n\nAssistant: ..." with the speaker markers at
+# the start of the text or after a blank line.
+_HH_MARKER = re.compile(r"(?:\A|\n\n)(Human|Assistant):[ \t]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+# Where the parsed rejected transcript of an HH-RLHF pair is kept in the sample's metadata.
+REJECTED_MESSAGES_KEY = "rejected_messages"
+
+
+def _has_hh_turns(value: Any) -> bool:
+    return isinstance(value, str) and _HH_MARKER.search(value) is not None
+
+
+def parse_hh_transcript(text: str, field_name: str) -> list[dict[str, str]]:
+    """Split an HH-RLHF transcript into canonical messages, or raise RecordRejected.
+
+    Text before the first speaker marker becomes a system message; every "Human:" turn is a user
+    message and every "Assistant:" turn an assistant message, their text stripped.
+    """
+    if not isinstance(text, str):
+        raise RecordRejected("wrong_type", f"field '{field_name}' must be a string, got {type(text).__name__}")
+    marks = list(_HH_MARKER.finditer(text))
+    if not any(m.group(1) == "Human" for m in marks):
+        raise RecordRejected("malformed_transcript", f"field '{field_name}' has no '\\n\\nHuman:' turn")
+    messages = []
+    preamble = text[:marks[0].start()].strip()
+    if preamble:
+        messages.append({"role": "system", "content": preamble})
+    for m, nxt in zip(marks, marks[1:] + [None]):
+        body = text[m.end():nxt.start() if nxt is not None else len(text)]
+        messages.append({"role": _HH_ROLES[m.group(1)], "content": body.strip()})
+    return messages
+
+
+def _hh_rlhf(r: dict) -> Conversation:
+    """Anthropic HH-RLHF: the ``chosen`` transcript is the conversation, the ``rejected`` one is
+    kept (parsed) in the metadata for preference data. Also: a bare ``text`` transcript, and the
+    prompt + response split ({"prompt": "\\n\\nHuman: ...\\n\\nAssistant:", "chosen": " answer",
+    "rejected": " answer"}) of the HH derivatives."""
+    used = set()
+    if "chosen" in r:
+        chosen_key, rejected = "chosen", r.get("rejected")
+        prompt = r.get("prompt")
+        chosen = r["chosen"]
+        if isinstance(chosen, str) and not _has_hh_turns(chosen) and _has_hh_turns(prompt):
+            # prompt/response split: the answers continue the prompt's last "Assistant:" turn
+            chosen = prompt + chosen
+            rejected = prompt + rejected if isinstance(rejected, str) else rejected
+            used.add("prompt")
+        used |= {"chosen", "rejected"}
+    else:
+        chosen_key, chosen, rejected = "text", r.get("text"), None
+        used.add("text")
+    messages = parse_hh_transcript(chosen, chosen_key)
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        raise RecordRejected("empty_content", f"the '{chosen_key}' transcript ends with an empty Assistant turn")
+    meta = _rest(r, used)
+    if rejected is not None:
+        try:
+            meta[REJECTED_MESSAGES_KEY] = parse_hh_transcript(rejected, "rejected")
+        except RecordRejected:
+            meta["rejected"] = rejected  # kept as it came, so that nothing is lost
+    return Conversation(_nonempty(messages), "hh_rlhf", meta)
+
+
 # Detection order matters: the most specific layouts first (xsample before OpenAI messages,
 # alpaca before prompt/completion because self-instruct predictions carry both sets of keys
 # and the alpaca fields are the clean ones).
@@ -225,7 +291,15 @@ LAYOUTS: dict[str, tuple[Callable[[dict], bool], Callable[[dict], Conversation]]
     "prompt_completion": (lambda r: "prompt" in r and "completion" in r, _prompt_completion),
     "question_answer": (lambda r: "question" in r and "answer" in r, _question_answer),
     "turns": (lambda r: "turns" in r, _turns),
+    "hh_rlhf": (lambda r: ("chosen" in r and (_has_hh_turns(r["chosen"]) or _has_hh_turns(r.get("prompt"))))
+                or ("text" in r and _has_hh_turns(r["text"])), _hh_rlhf),
 }
+
+
+def check_layout_name(layout: str) -> None:
+    """Raise ValueError (a mistake of the whole job, not of a record) for an unknown layout name."""
+    if layout != "auto" and layout not in LAYOUTS:
+        raise ValueError(f"unknown instruction layout {layout!r}; choose one of: auto, {', '.join(LAYOUTS)}")
 
 
 def detect_layout(record: Any) -> str:
@@ -240,10 +314,9 @@ def detect_layout(record: Any) -> str:
 
 def normalise(record: Any, layout: str = "auto") -> Conversation:
     """Turn one parsed input record into a canonical conversation, or raise RecordRejected."""
+    check_layout_name(layout)
     if layout == "auto":
         layout = detect_layout(record)
-    elif layout not in LAYOUTS:
-        raise ValueError(f"unknown instruction layout {layout!r}; choose one of: auto, {', '.join(LAYOUTS)}")
     elif not isinstance(record, dict):
         raise RecordRejected("unknown_layout", f"expected a JSON object, got {type(record).__name__}")
     conv = LAYOUTS[layout][1](record)

@@ -6,10 +6,11 @@ This is the per-record work of ingest, shared by the Beam job and by the plain-l
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from pipeline.io import instruction_formats
-from pipeline.io.rejects import Reject, RecordRejected
+from pipeline.io.rejects import JobError, Reject, RecordRejected
 from pipeline.io.sample_id import conversation_id
 from pipeline.io.sources import IMAGE_TEXT, Chunk, RawItem, ReadLimits, Unit, decode_json_line
 
@@ -34,26 +35,70 @@ class ParsedChunk:
 
 
 def parse_chunk(chunk: Chunk, limits: ReadLimits = ReadLimits()) -> ParsedChunk:
+    """Parse every item of a chunk; one bad item is one reject, it never stops the chunk.
+
+    Known problems raise RecordRejected with their reason code. Anything else raised while parsing
+    one item (a bug, or an input that trips a library) becomes a ``parse_error`` reject naming the
+    exception, and a RecursionError a ``too_deep`` reject. Whole-job problems are not swallowed:
+    an unknown layout name is refused before any item is read, and JobError and MemoryError
+    propagate.
+    """
     out = ParsedChunk(rejects=list(chunk.rejects))
-    parse_item = _parse_image_item if chunk.unit.kind == IMAGE_TEXT else _parse_instruction_item
+    unit = chunk.unit
+    if unit.kind == IMAGE_TEXT:
+        parse_item = _parse_image_item
+    else:
+        parse_item = _parse_instruction_item
+        instruction_formats.check_layout_name(unit.layout)
     for item in chunk.items:
         try:
-            parse_item(chunk.unit, item, limits, out)
+            sample, annotations = parse_item(unit, item, limits)
+            _check_encodable(sample, annotations)
+        except (JobError, MemoryError):
+            raise
         except RecordRejected as rej:
-            out.rejects.append(
-                Reject(chunk.unit.kind, chunk.unit.uri, item.offset, item.member, rej.reason, rej.detail,
-                       Reject.excerpt(item.payload if isinstance(item.payload, (bytes, str)) else None))
-            )
+            out.rejects.append(_item_reject(unit, item, rej.reason, rej.detail))
+        except RecursionError:
+            out.rejects.append(_item_reject(unit, item, "too_deep",
+                                            "the record is nested too deep to process (Python's recursion limit)"))
+        except Exception as exc:  # noqa: BLE001 - one record must never stop the job
+            out.rejects.append(_item_reject(unit, item, "parse_error", f"{type(exc).__name__}: {exc}"[:2000]))
+        else:
+            out.samples.append(sample)
+            for table, row in annotations:
+                out.add_annotation(table, row, sample)
     return out
 
 
-def _parse_instruction_item(unit: Unit, item: RawItem, limits: ReadLimits, out: ParsedChunk) -> None:
+def _item_reject(unit: Unit, item: RawItem, reason: str, detail: str) -> Reject:
+    return Reject(unit.kind, unit.uri, item.offset, item.member, reason, detail,
+                  Reject.excerpt(item.payload if isinstance(item.payload, (bytes, str)) else None))
+
+
+def _check_encodable(sample: dict, annotations: list[tuple[str, dict]]) -> None:
+    """Refuse text Parquet cannot store: lone surrogates (JSON escapes like "\\udc80") are valid
+    Python strings but not UTF-8, and would fail the whole shard at write time."""
+    try:
+        if sample.get("metadata_json"):
+            sample["metadata_json"].encode("utf-8")
+        for _, row in annotations:
+            json.dumps(row, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RecordRejected("invalid_text", f"text holds a lone surrogate ({exc.reason}); it is not valid "
+                             "Unicode and cannot be stored") from None
+
+
+def _parse_instruction_item(unit: Unit, item: RawItem, limits: ReadLimits) -> tuple[dict, list[tuple[str, dict]]]:
     record = decode_json_line(item.payload) if isinstance(item.payload, bytes) else item.payload
     conv = instruction_formats.normalise(record, unit.layout)
     n_chars = sum(len(m["content"]) for m in conv.messages)
     if n_chars > limits.max_record_bytes:
         raise RecordRejected("oversized_record", f"{n_chars} characters, over the {limits.max_record_bytes} limit")
-    sid = conversation_id(conv.messages)
+    try:
+        sid = conversation_id(conv.messages)
+    except UnicodeEncodeError as exc:
+        raise RecordRejected("invalid_text", f"message text holds a lone surrogate ({exc.reason}); it is not "
+                             "valid Unicode") from None
     sample = {
         "sample_id": sid,
         "messages": conv.messages,
@@ -65,15 +110,16 @@ def _parse_instruction_item(unit: Unit, item: RawItem, limits: ReadLimits, out: 
         "source_format": f"{unit.container}/{conv.layout}",
         "metadata_json": instruction_formats.metadata_json(conv.metadata),
     }
-    out.samples.append(sample)
+    annotations = []
     if conv.tags is not None:
-        out.add_annotation("annotations_tags", {
+        annotations.append(("annotations_tags", {
             "sample_id": sid,
             "tags": [{"tag": t, "confidence": 1.0} for t in dict.fromkeys(conv.tags)],
             "annotator": INPUT_ANNOTATOR,
-        }, sample)
+        }))
     if conv.quality_per_round is not None or conv.complexity_per_round is not None:
-        out.add_annotation("annotations_quality", _quality_row(sid, conv), sample)
+        annotations.append(("annotations_quality", _quality_row(sid, conv)))
+    return sample, annotations
 
 
 def _mean(xs: list[float] | None) -> float | None:
@@ -98,10 +144,12 @@ def _quality_row(sid: str, conv: instruction_formats.Conversation) -> dict:
     }
 
 
-def _parse_image_item(unit: Unit, item: RawItem, limits: ReadLimits, out: ParsedChunk) -> None:
+def _parse_image_item(unit: Unit, item: RawItem, limits: ReadLimits) -> tuple[dict, list[tuple[str, dict]]]:
     from pipeline.io import image_records
 
-    sample, concepts = image_records.parse_image_item(unit, item, limits)
-    out.samples.append(sample)
-    if concepts is not None:
-        out.add_annotation("annotations_concepts", concepts, sample)
+    try:
+        sample, concepts = image_records.parse_image_item(unit, item, limits)
+    except UnicodeEncodeError as exc:
+        raise RecordRejected("invalid_text", f"caption holds a lone surrogate ({exc.reason}); it is not "
+                             "valid Unicode") from None
+    return sample, ([("annotations_concepts", concepts)] if concepts is not None else [])

@@ -7,6 +7,14 @@ from dataclasses import dataclass
 RAW_EXCERPT_BYTES = 512
 
 
+class JobError(RuntimeError):
+    """A problem of the whole job (configuration, environment), never one record's fault.
+
+    Per-record parsing turns every other exception into a reject; this one stops the job, because
+    every record would fail the same way (or, worse, pass when it should not).
+    """
+
+
 class RecordRejected(Exception):
     """Raised by readers and normalisers for one bad input record; never escapes a pipeline."""
 
