@@ -443,6 +443,11 @@ def test_json_caption_sidecar_as_a_mapping_or_an_array(tmp_path):
     out = ingest_images(tmp_path / "m")
     assert not out.rejects
     assert {s["source_member"]: s["caption"] for s in out.samples} == {names[0]: "first", names[1]: "second", names[2]: "third"}
+    # an object that is not a file -> caption mapping (e.g. COCO annotations) is one clear reject
+    (tmp_path / "m" / "captions.json").write_text(json.dumps({"info": {"year": 2017}, "images": [], "annotations": []}))
+    out = ingest_images(tmp_path / "m")
+    bad = [r for r in out.rejects if r.source_member == "captions.json"]
+    assert [r.reason for r in bad] == ["unknown_layout"] and "'info'" in bad[0].detail
     names = _images(tmp_path / "a", 3)
     elements = [json.dumps({"image": names[0], "text": "one"}), '{"image": "' + names[1] + '", "text": oops}',
                 json.dumps({"image": names[2], "text": "three"})]

@@ -329,6 +329,12 @@ def _json_sidecar_rows(unit: Unit, raw: bytes, member: str,
             rejects.append(_reject(unit, el.reject.reason, f"{where}: {el.reject.detail}", member=member, raw=el.raw))
         elif isinstance(el.value, dict) and el.index >= 0 and raw.lstrip(UTF8_BOM + b" \t\r\n").startswith(b"{"):
             # one object: a mapping from image path to caption or fields
+            odd = [k for k in el.value if Path(k).suffix.lower() not in IMAGE_EXTENSIONS]
+            if odd:
+                rejects.append(_reject(unit, "unknown_layout", f"caption sidecar is an object whose keys are not image "
+                                       f"file names (e.g. {odd[0]!r}); expected {{\"a.jpg\": \"a caption\", ...}} or "
+                                       "an array of rows", member=member, raw=raw[:600]))
+                break
             for key, value in el.value.items():
                 if isinstance(value, str):
                     rows.append({"file_name": key, "caption": value})

@@ -687,16 +687,18 @@ def _layout_boundary(ts: _TextStream, p: int) -> int | None:
 
 def _checked(ts: _TextStream, index: int, value: Any, p: int, end: int, max_chars: int, max_depth: int) -> JsonElement:
     """A decoded element, or its reject when it holds undecodable bytes, is too long or too deep."""
-    raw = ts.buf[p:min(end, p + 600)]
+    rej = None
     if ts.invalid and _SURROGATE.search(ts.buf, p, end):
-        return JsonElement(index, reject=RecordRejected("invalid_utf8", "the element holds bytes that are not UTF-8"), raw=raw)
-    if end - p > max_chars:
-        return JsonElement(index, reject=RecordRejected(
-            "oversized_record", f"element is {end - p} characters, over the {max_chars} limit"), raw=raw)
-    try:
-        check_json_depth(ts.buf, max_depth, p, end)
-    except RecordRejected as rej:
-        return JsonElement(index, reject=rej, raw=raw)
+        rej = RecordRejected("invalid_utf8", "the element holds bytes that are not UTF-8")
+    elif end - p > max_chars:
+        rej = RecordRejected("oversized_record", f"element is {end - p} characters, over the {max_chars} limit")
+    else:
+        try:
+            check_json_depth(ts.buf, max_depth, p, end)
+        except RecordRejected as exc:
+            rej = exc
+    if rej is not None:
+        return JsonElement(index, reject=rej, raw=ts.buf[p:min(end, p + 600)])
     return JsonElement(index, value, size=end - p)
 
 
