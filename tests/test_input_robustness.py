@@ -25,9 +25,21 @@ from pipeline.io import instruction_formats
 from pipeline.io.catalog import Catalog
 from pipeline.io.records import parse_chunk
 from pipeline.io.rejects import JobError, RecordRejected
-from pipeline.io.sources import (IMAGE_TEXT, INSTRUCTION, MAX_JSON_DEPTH, Chunk, RawItem, Unit, check_json_depth,
-                                 decode_json_line, iter_json_elements, json_depth, plan_units,
-                                 read_chunks, sniff_instruction_container)
+from pipeline.io.sources import (
+    IMAGE_TEXT,
+    INSTRUCTION,
+    MAX_JSON_DEPTH,
+    Chunk,
+    RawItem,
+    Unit,
+    check_json_depth,
+    decode_json_line,
+    iter_json_elements,
+    json_depth,
+    plan_units,
+    read_chunks,
+    sniff_instruction_container,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -486,7 +498,7 @@ def test_unrecognised_sidecar_columns_fail_loudly_then_the_flags_fix_it(tmp_path
 
 def test_column_flags_are_for_image_text_only(tmp_path, capsys):
     (tmp_path / "a.jsonl").write_bytes(_lines(_real_rows(1)))
-    code, out, err = _cli(capsys, "ingest", str(tmp_path / "a.jsonl"), "--catalog", str(tmp_path / "cat"),
+    code, _out, err = _cli(capsys, "ingest", str(tmp_path / "a.jsonl"), "--catalog", str(tmp_path / "cat"),
                           "--dataset", "d", "--caption-column", "text")
     assert code == 2 and "--caption-column applies to --kind image_text only" in err
 

@@ -39,8 +39,17 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from pipeline.io.rejects import RecordRejected, Reject
-from pipeline.io.sources import (IMAGE_EXTENSIONS, IMAGE_TEXT, UTF8_BOM, Chunk, RawItem, ReadLimits, Unit,
-                                 iter_json_elements, loads_json)
+from pipeline.io.sources import (
+    IMAGE_EXTENSIONS,
+    IMAGE_TEXT,
+    UTF8_BOM,
+    Chunk,
+    RawItem,
+    ReadLimits,
+    Unit,
+    iter_json_elements,
+    loads_json,
+)
 
 CONTAINERS = ("image_folder", "webdataset", "parquet", "nlvr")
 CAPTION_FROM = ("auto", "dirname", "none")
@@ -300,8 +309,7 @@ def _sidecar_rows(unit: Unit, sidecar: Path, root: Path,
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        if line.startswith("\ufeff"):
-            line = line[1:]
+        line = line.removeprefix("\ufeff")
         try:
             rec = loads_json(line)
         except json.JSONDecodeError as exc:
@@ -856,8 +864,7 @@ def _nlvr_records(path: Path, unit: Unit, limits: ReadLimits = ReadLimits()) -> 
     """
     with open(path, "rb") as f:
         head = f.read(64)
-    if head.startswith(UTF8_BOM):
-        head = head[len(UTF8_BOM):]
+    head = head.removeprefix(UTF8_BOM)
     if head.lstrip().startswith(b"["):
         with open(path, "rb") as f:
             for el in iter_json_elements(f, limits.max_record_bytes):
@@ -875,8 +882,7 @@ def _nlvr_records(path: Path, unit: Unit, limits: ReadLimits = ReadLimits()) -> 
                 yield row, _reject(unit, "invalid_utf8", f"line is not UTF-8 ({exc.reason} at byte {exc.start})",
                                    row * NLVR_OFFSET_STRIDE, raw=line), line
                 continue
-            if text.startswith("\ufeff"):
-                text = text[1:]
+            text = text.removeprefix("\ufeff")
             if not text.strip():
                 yield row, _reject(unit, "blank_line", "the line is empty", row * NLVR_OFFSET_STRIDE), line
                 continue

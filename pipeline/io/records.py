@@ -10,9 +10,16 @@ import json
 from dataclasses import dataclass, field
 
 from pipeline.io import instruction_formats
-from pipeline.io.rejects import JobError, Reject, RecordRejected
+from pipeline.io.rejects import JobError, RecordRejected, Reject
 from pipeline.io.sample_id import conversation_id
-from pipeline.io.sources import IMAGE_TEXT, Chunk, RawItem, ReadLimits, Unit, decode_json_line
+from pipeline.io.sources import (
+    IMAGE_TEXT,
+    Chunk,
+    RawItem,
+    ReadLimits,
+    Unit,
+    decode_json_line,
+)
 
 # Annotation tables an ingest can fill from what the input itself carries.
 INPUT_ANNOTATOR = "input"

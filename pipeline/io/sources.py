@@ -87,7 +87,7 @@ class ReadLimits:
 
 
 def _strip_gz(name: str) -> str:
-    return name[:-3] if name.endswith(".gz") else name
+    return name.removesuffix(".gz")
 
 
 def sniff_instruction_container(path: Path) -> str:
@@ -99,7 +99,7 @@ def sniff_instruction_container(path: Path) -> str:
     # .json (or unknown): a JSON array, else one object per line.
     with _open_binary(path) as f:
         head = f.read(4096)
-    head = head[len(UTF8_BOM):] if head.startswith(UTF8_BOM) else head
+    head = head.removeprefix(UTF8_BOM)
     return "json" if head.lstrip().startswith(b"[") else "jsonl"
 
 
@@ -178,7 +178,9 @@ def plan_units(
         if not path.exists():
             raise FileNotFoundError(f"input {raw} does not exist")
         if kind == IMAGE_TEXT:
-            from pipeline.io import image_sources  # image discovery lives with the image readers
+            from pipeline.io import (
+                image_sources,  # image discovery lives with the image readers
+            )
 
             for unit in image_sources.plan_image_units(path, container, opts):
                 units.setdefault(unit.uri, unit)
@@ -371,8 +373,7 @@ def decode_json_line(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     A UTF-8 byte-order mark in front of the line is ignored (editors put one at the start of a
     file, and concatenated files carry it into the middle).
     """
-    if raw.startswith(UTF8_BOM):
-        raw = raw[len(UTF8_BOM):]
+    raw = raw.removeprefix(UTF8_BOM)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -388,7 +389,7 @@ def decode_json_line(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
 # ---------------------------------------------------------------- safe JSON
 
 # A JSON string literal (the unrolled form: no backtracking blow-up on long strings).
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
@@ -517,8 +518,7 @@ class _TextStream:
                 self.eof = True
             if not self.started and text:
                 self.started = True
-                if text.startswith("\ufeff"):
-                    text = text[1:]
+                text = text.removeprefix("\ufeff")
             if _SURROGATE.search(text):
                 self.invalid = True
             self.buf += text
