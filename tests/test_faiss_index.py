@@ -41,6 +41,49 @@ def brute_force_topk(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-(qn @ xn.T), axis=1, kind="stable")[:, :k]
 
 
+# Exact search is exact only up to float rounding: two neighbours whose similarities differ by
+# less than this may come back in either order (FAISS, numpy and a GPU round differently), and
+# these random test sets do hold pairs within 1e-7 of each other. The checks below accept exactly
+# those swaps and nothing else.
+TIE = 1e-5
+
+
+def cosines(x: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    return l2_normalize(queries).astype(np.float64) @ l2_normalize(x).astype(np.float64).T
+
+
+def assert_topk_up_to_ties(positions: np.ndarray, sims: np.ndarray, k: int) -> None:
+    """Row i of ``positions`` holds k distinct rows whose similarities (``sims[i]``) are the k best,
+    rank by rank, within TIE: the exact answer with near-tied neighbours in any order."""
+    assert positions.shape[1] == k and all(len(set(row)) == k for row in positions.tolist())
+    got = np.take_along_axis(sims, positions, axis=1)
+    np.testing.assert_allclose(got, -np.sort(-sims, axis=1)[:, :k], rtol=0, atol=TIE)
+
+
+def tied_slots(x: np.ndarray, k: int, *, include_self: bool = False, queries: np.ndarray | None = None) -> int:
+    """Top-k slots, summed over rows, whose neighbour ties (within TIE) with a row just outside the
+    top k: the most an exact search can lose against one exact answer list by rounding alone."""
+    xn = l2_normalize(x)
+    flat = faiss.IndexFlatIP(xn.shape[1])
+    flat.add(xn)
+    rows = np.arange(len(x)) if queries is None else queries
+    extra = 8  # look a little past k+1 so that a run of ties is counted whole
+    scores, pos = flat.search(xn[rows], k + extra + (0 if include_self else 1))
+    if not include_self:
+        keep = ~(pos == rows[:, None])
+        keep[~(pos == rows[:, None]).any(axis=1), -1] = False
+        scores = scores[keep].reshape(len(rows), -1)
+    kth = scores[:, k - 1 : k]
+    sure = (scores > kth + TIE).sum(axis=1)  # slots no tie can take
+    tied = (np.abs(scores - kth) <= TIE).sum(axis=1)
+    return int(np.minimum(k - sure, tied - (k - sure)).sum())
+
+
+def min_recall(x: np.ndarray, n_queries: int, k: int = 10) -> float:
+    """Lower bound of an exact index's recall@k over n_queries of x's rows (self excluded)."""
+    return 1.0 - tied_slots(x, k) / (n_queries * k) - 1e-12
+
+
 # ------------------------------------------------------------------ sizing
 
 
@@ -81,11 +124,13 @@ def test_flat_recall_is_exactly_one_and_matches_numpy() -> None:
     x = clustered(3000, 32, seed=1)
     index = build_index(x, recall_queries=300)
     assert index.spec.kind == "flat"
-    assert index.info.recall_at_10 == 1.0 and index.info.recall_queries == 300
+    assert index.info.recall_queries == 300 and index.info.recall_at_10 >= min_recall(x, 300)
     scores, ids = index.search(x[:50], 10)
     assert ids.dtype == object and ids[0, 0] == "0"  # default ids are row numbers as strings
     positions = np.vectorize(int)(ids)
-    np.testing.assert_array_equal(positions, brute_force_topk(x, x[:50], 10))
+    sims = cosines(x, x[:50])
+    assert_topk_up_to_ties(positions, sims, 10)  # numpy's answer, near-ties aside
+    np.testing.assert_allclose(scores, np.take_along_axis(sims, positions, axis=1), atol=TIE)
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)  # cosine with itself
 
 
@@ -95,7 +140,10 @@ def test_ivf_recall_is_measured_not_assumed() -> None:
     exhaustive = build_index(x, spec=IndexSpec(kind="ivf_flat", nlist=64, nprobe=64, train_sample=5000))
     starved = build_index(x, spec=IndexSpec(kind="ivf_flat", nlist=64, nprobe=1, train_sample=5000))
     assert good.info.recall_at_10 is not None and good.info.recall_at_10 >= 0.9
-    assert exhaustive.info.recall_at_10 == 1.0  # probing every list is an exact search
+    # probing every list is an exact search (its queries are 1000 of the rows) ...
+    assert exhaustive.info.recall_at_10 >= min_recall(x, exhaustive.info.recall_queries)
+    q = x[::67]  # ... so it finds numpy's neighbours, near-ties aside
+    assert_topk_up_to_ties(exhaustive.search_positions(q, 10)[1], cosines(x, q), 10)
     assert starved.info.recall_at_10 < good.info.recall_at_10
     assert good.info.recall_queries_held_out
     assert good.info.train_seconds > 0 and good.info.build_seconds >= good.info.add_seconds
@@ -132,7 +180,9 @@ def test_tune_changes_nprobe_and_is_recorded(tmp_path: Path) -> None:
     before = recall_at_k(index.search_positions(q, 10)[1], truth)
     index.tune(nprobe=32)
     after = recall_at_k(index.search_positions(q, 10)[1], truth)
-    assert after == 1.0 and before < after
+    # every list probed: exact, up to near-ties with the 11th row
+    assert after >= 1.0 - tied_slots(x, 10, include_self=True, queries=np.arange(200)) / 2000 - 1e-12
+    assert before < after
     index.save(tmp_path / "ix")
     assert FaissIndex.load(tmp_path / "ix").spec.nprobe == 32
 
@@ -298,7 +348,7 @@ def test_failed_gpu_move_falls_back_to_a_working_cpu_index(monkeypatch: pytest.M
     x = clustered(1000, 8)
     with pytest.warns(RuntimeWarning, match="out of memory"):
         index = build_index(x, use_gpu=True)
-    assert not index.on_gpu and index.info.device == "cpu" and index.info.recall_at_10 == 1.0
+    assert not index.on_gpu and index.info.device == "cpu" and index.info.recall_at_10 >= min_recall(x, 1000)
 
 
 def test_env_var_forces_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -316,8 +366,9 @@ def test_gpu_index_matches_cpu_and_saves(tmp_path: Path) -> None:
     gpu = build_index(x, spec=spec, use_gpu=True)
     cpu = build_index(x, spec=spec, use_gpu=False)
     assert gpu.on_gpu and gpu.info.device.startswith("gpu")
-    assert gpu.info.recall_at_10 == 1.0 and cpu.info.recall_at_10 == 1.0
+    bound = min_recall(x, gpu.info.recall_queries)
+    assert gpu.info.recall_at_10 >= bound and cpu.info.recall_at_10 >= bound
     gpu.save(tmp_path / "g")
     loaded = FaissIndex.load(tmp_path / "g", use_gpu=False)
     q = x[:100]
-    np.testing.assert_array_equal(loaded.search_positions(q, 10)[1], brute_force_topk(x, q, 10))
+    assert_topk_up_to_ties(loaded.search_positions(q, 10)[1], cosines(x, q), 10)

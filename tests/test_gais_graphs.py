@@ -123,7 +123,15 @@ def test_knn_matches_brute_force():
     np.fill_diagonal(d, np.inf)
     nn = np.argsort(d, axis=1)[:, :k]
     src, dst = symmetrize(nn.reshape(-1), np.repeat(np.arange(300), k), 300)
-    assert set(zip(g.src.tolist(), g.dst.tolist())) == set(zip(src.tolist(), dst.tolist()))
+    got, want = set(zip(g.src.tolist(), g.dst.tolist())), set(zip(src.tolist(), dst.tolist()))
+    # FAISS computes float32 |x|^2 + |y|^2 - 2 x.y: rounding of that size may swap a node's k-th
+    # and (k+1)-th neighbours where their distances nearly tie, and nothing else may differ.
+    sq = (X.astype(np.float64) ** 2).sum(-1)
+    tol = 1e-6 * (sq + sq.max())
+    kth = np.sort(d, axis=1)[:, k - 1]
+    for i, j in got ^ want:
+        assert min(abs(d[i, j] - kth[i]) / tol[i], abs(d[j, i] - kth[j]) / tol[j]) <= 1.0, (i, j)
+    assert len(got ^ want) <= 8  # at most two swapped pairs (4 directed edges each)
 
 
 def test_hash_singletons_are_attached_through_coarser_codes():

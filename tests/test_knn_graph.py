@@ -36,14 +36,33 @@ def brute_force(x: np.ndarray, k: int, metric: str = "ip") -> tuple[np.ndarray, 
     return nb, np.take_along_axis(sim, nb, axis=1)
 
 
+def assert_neighbours_up_to_ties(x: np.ndarray, dst: np.ndarray, k: int, metric: str = "ip") -> None:
+    """Each row's k neighbours (``dst``, best first) are brute force's, rank by rank, except that
+    neighbours whose similarities differ by float32 rounding (1e-5) may come in either order.
+
+    Random data holds such near-ties (1e-7 apart here): float32 FAISS and float64 numpy may order
+    them differently, and so may FAISS on another BLAS kernel.
+    """
+    _, best = brute_force(x, k, metric)
+    if metric == "ip":
+        xn = l2_normalize(x).astype(np.float64)
+        sim = xn @ xn.T
+    else:
+        xd = x.astype(np.float64)
+        sim = -((xd[:, None, :] - xd[None, :, :]) ** 2).sum(-1)
+    nb = dst.reshape(len(x), k)
+    assert all(len(set(row)) == k and r not in row for r, row in enumerate(nb.tolist()))
+    np.testing.assert_allclose(np.take_along_axis(sim, nb, axis=1), best, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_exact_graph_equals_brute_force(metric: str) -> None:
     x = random_vectors(400, 24, seed=1)
     graph = exact_knn_graph(x, k=7, metric=metric, batch_size=64)
-    nb, sim = brute_force(x, 7, metric)
+    _, sim = brute_force(x, 7, metric)
     assert graph.num_edges == 400 * 7 and graph.metric == metric and not graph.symmetric
     np.testing.assert_array_equal(graph.src, np.repeat(np.arange(400), 7))
-    np.testing.assert_array_equal(graph.dst.reshape(400, 7), nb)
+    assert_neighbours_up_to_ties(x, graph.dst, 7, metric)
     np.testing.assert_allclose(graph.sim.reshape(400, 7), sim, rtol=1e-4, atol=1e-4)
     assert graph.src.dtype == np.int64 and graph.dst.dtype == np.int64 and graph.sim.dtype == np.float32
     assert not (graph.src == graph.dst).any()
@@ -53,8 +72,9 @@ def test_batch_size_does_not_change_the_graph() -> None:
     x = random_vectors(300, 16, seed=2)
     a = exact_knn_graph(x, k=5, batch_size=7)
     b = exact_knn_graph(x, k=5, batch_size=10_000)
-    np.testing.assert_array_equal(a.dst, b.dst)
-    np.testing.assert_array_equal(a.sim, b.sim)
+    # batch shapes change the GEMM kernel, hence the last bits: same neighbours up to near-ties
+    same_rows(a, b, 5)
+    np.testing.assert_allclose(a.sim, b.sim, rtol=1e-5, atol=1e-6)
 
 
 def test_ivf_graph_with_all_lists_probed_is_exact_and_reconstruction_works() -> None:
@@ -63,11 +83,12 @@ def test_ivf_graph_with_all_lists_probed_is_exact_and_reconstruction_works() -> 
     x = (centers[rng.integers(0, 10, 2000)] + 0.4 * rng.normal(size=(2000, 16))).astype(np.float32)
     exact = exact_knn_graph(x, k=10)
     ivf = build_index(x, spec=IndexSpec(kind="ivf_flat", nlist=16, nprobe=16, train_sample=2000))
-    np.testing.assert_array_equal(knn_graph(ivf, x, k=10, method="search").dst, exact.dst)
+    # IVF list scans and the flat index's GEMM round differently: same rows up to near-ties
+    same_rows(knn_graph(ivf, x, k=10, method="search"), exact, 10)
     # without vectors the rows are reconstructed from the IVF lists (direct map); the stored
     # rows are already normalised, and re-normalising may swap two near-tied neighbours
     rebuilt = knn_graph(ivf, None, k=10, batch_size=333, method="search")
-    np.testing.assert_array_equal(np.sort(rebuilt.dst.reshape(-1, 10)), np.sort(exact.dst.reshape(-1, 10)))
+    same_rows(rebuilt, exact, 10)
     np.testing.assert_allclose(rebuilt.sim, exact.sim, atol=1e-5)
 
     ivf.tune(nprobe=1)
@@ -127,7 +148,7 @@ def test_graph_from_npy_shards_and_mismatch_error(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", x[:123])
     np.save(tmp_path / "b.npy", x[123:])
     from_shards = exact_knn_graph(tmp_path, k=6, batch_size=100)
-    np.testing.assert_array_equal(from_shards.dst, exact_knn_graph(x, k=6).dst)
+    same_rows(from_shards, exact_knn_graph(x, k=6), 6)  # other batch shapes: near-ties may swap
     index = build_index(x[:400])
     with pytest.raises(ValueError, match="same order"):
         knn_graph(index, x, k=3)

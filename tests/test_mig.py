@@ -320,19 +320,26 @@ def test_label_graph_from_embeddings_is_symmetric_thresholded_and_chunk_independ
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     cos = unit @ unit.T
     off = W.toarray() - np.eye(40)
+    # Cosines are float32 sums whose last bits depend on the BLAS kernel and the chunk shape, so
+    # pairs within `near` of the threshold may fall on either side; every other pair may not.
+    near = np.abs(cos - 0.8) <= 1e-5
     expected = (cos >= 0.8) & ~np.eye(40, dtype=bool)
-    np.testing.assert_array_equal(off > 0, expected)
-    np.testing.assert_allclose(off[expected], cos[expected], atol=1e-6)
+    np.testing.assert_array_equal((off > 0)[~near], expected[~near])
+    present = off > 0
+    np.testing.assert_allclose(off[present], cos[present], rtol=1e-5, atol=1e-6)
     for i in range(20):
         assert W[i, i + 20] > 0.8
     g_big = label_graph_from_embeddings(labels, emb, threshold=0.8, chunk_size=4096)
-    np.testing.assert_array_equal(g_big.W.toarray(), W.toarray())
+    big = g_big.W.toarray()
+    np.testing.assert_array_equal((big > 0)[~near], (W.toarray() > 0)[~near])  # same edges, near ties aside
+    np.testing.assert_allclose(big[~near], W.toarray()[~near], rtol=1e-5, atol=1e-6)
+    sure, maybe = int((expected & ~near).sum()) // 2, int((~np.eye(40, dtype=bool) & near).sum()) // 2
     stats = g.degree_stats()
-    assert stats.n_edges == int(expected.sum()) // 2
-    assert stats.mean_degree == pytest.approx(expected.sum() / 40)
+    assert sure <= stats.n_edges <= sure + maybe
+    assert stats.mean_degree == pytest.approx(2 * stats.n_edges / 40)
     sweep = degree_sweep(emb, [0.5, 0.8, 0.95])
     assert [s.n_edges for s in sweep] == sorted((s.n_edges for s in sweep), reverse=True)
-    assert sweep[1].n_edges == stats.n_edges
+    assert abs(sweep[1].n_edges - stats.n_edges) <= maybe
 
 
 def test_label_graph_from_texts_uses_the_embed_function() -> None:
