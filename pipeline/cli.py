@@ -179,8 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print_error(leaf.prog, problem)
         return 2
+    from pipeline.io.runs import CatalogBusy
+
     try:
         return mod.run(args, extra)
+    except CatalogBusy as exc:  # another run holds these outputs: try again later (EX_TEMPFAIL)
+        print_error(leaf.prog, str(exc))
+        return 75
     except (*USER_OS_ERRORS, ValueError, KeyError, duckdb.Error) as exc:
         print_error(leaf.prog, error_message(exc))
         return 2
