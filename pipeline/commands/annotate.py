@@ -12,7 +12,7 @@ from pipeline.commands import add_catalog_argument
 
 NAME = "annotate"
 HELP = "tag instructions (InsTag-style) or score them (DEITA-style), offline or via an LLM endpoint"
-PASSES_EXTRA_ARGS = True  # unknown --flags of tags/quality go to Beam
+PASSES_EXTRA_ARGS = True  # Beam pipeline options of tags/quality pass through
 
 
 def _stage_arguments(p: argparse.ArgumentParser) -> None:

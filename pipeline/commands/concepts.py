@@ -10,7 +10,7 @@ from pipeline.commands import add_catalog_argument
 
 NAME = "concepts"
 HELP = "concept vocabularies (clean, merge, filter) and image-text concept annotation (captions, open_clip)"
-PASSES_EXTRA_ARGS = True  # `annotate` is a Beam job: unknown --flags go to Beam
+PASSES_EXTRA_ARGS = True  # `annotate` is a Beam job: Beam pipeline options pass through
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import sys
 from pipeline.commands import add_catalog_argument
 
 NAME = "embed"
-HELP = "embed a dataset's samples (a Beam job with RunInference; unknown --flags go to Beam)"
+HELP = "embed a dataset's samples (a Beam job with RunInference; Beam pipeline options such as --runner pass through)"
 PASSES_EXTRA_ARGS = True
 
 DEFAULT_CLIP_MODEL = "ViT-B-32"

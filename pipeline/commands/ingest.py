@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.commands import add_catalog_argument
 
 NAME = "ingest"
-HELP = "ingest instruction or image-text files into the catalog (a Beam job; unknown --flags go to Beam)"
+HELP = "ingest instruction or image-text files into the catalog (a Beam job; Beam pipeline options such as --runner pass through)"
 PASSES_EXTRA_ARGS = True
 
 
