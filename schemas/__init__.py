@@ -166,12 +166,18 @@ LLM_QUALITY_ANNOTATIONS = _schema(
 )
 
 
-def embedding_schema(dim: int) -> pa.Schema:
-    """Vectors keyed by sample_id; the model name and weights digest live in the table metadata."""
-    return _schema(
-        "embeddings",
-        [("sample_id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
-    )
+def embedding_schema(dim: int, spans: bool = False) -> pa.Schema:
+    """Vectors keyed by sample_id; the model name and weights digest live in the table metadata.
+
+    With ``spans`` (instruction text embeddings) two more vectors pooled from the same encoder
+    pass: the user side and the answer side of the conversation (all NaN when that side is empty
+    or was cut off by the model's token limit: pyarrow cannot yet read back null fixed-size lists
+    from Parquet); see ``pipeline.embed.spans``.
+    """
+    fields = [("sample_id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))]
+    if spans:
+        fields += [("user_embedding", pa.list_(pa.float32(), dim)), ("answer_embedding", pa.list_(pa.float32(), dim))]
+    return _schema("embeddings", fields)
 
 
 SELECTIONS = _schema(

@@ -187,3 +187,43 @@ def test_clip_embedding_with_two_worker_processes_matches_one(image_catalog):
     ids2, v2 = read_embeddings(cat.embedding_partition("two-image", "db"))
     assert ids1 == ids2
     np.testing.assert_allclose(v1, v2, atol=1e-5)
+
+
+def test_one_pass_writes_user_and_answer_vectors_and_a_skip_loads_no_model(tmp_path, demo_data, monkeypatch):
+    from pipeline.annotate.tags import assistant_text, user_text
+    from pipeline.embed import handlers
+
+    root = tmp_path / "cat"
+    run_ingest([str(demo_data / "instructions" / "gsm8k_train.jsonl.gz")], root, "gsm", num_shards=2)
+    res = run_text_embedding(root, "gsm", batch_size=16)
+    part = Catalog.at(root).embedding_partition("all-MiniLM-L6-v2", "gsm")
+    table = pq.read_table(part)
+    assert {"user_embedding", "answer_embedding"} <= set(table.column_names) and table.num_rows == res.rows >= 20
+    user = np.asarray(table.column("user_embedding").to_pylist(), dtype=np.float32)
+    answer = np.asarray(table.column("answer_embedding").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(np.linalg.norm(user, axis=1), 1.0, atol=1e-5)
+    # Pooled from the shared pass, each side stays close to encoding that side alone.
+    samples = {r["sample_id"]: r["messages"] for r in pq.read_table(Catalog.at(root).samples_partition(
+        "instruction", "gsm"), columns=["sample_id", "messages"]).to_pylist()}
+    ids = table.column("sample_id").to_pylist()
+    model = shared_sentence_model()
+    alone_u = embed_texts(model, [user_text(samples[s]) for s in ids])
+    alone_a = embed_texts(model, [assistant_text(samples[s]) for s in ids])
+    cos_u, cos_a = np.einsum("ij,ij->i", user, alone_u), np.einsum("ij,ij->i", answer, alone_a)
+    assert cos_u.mean() > 0.9 and cos_u.min() > 0.75, (cos_u.mean(), cos_u.min())
+    assert cos_a.mean() > 0.85 and cos_a.min() > 0.6, (cos_a.mean(), cos_a.min())
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("an unchanged stage must skip before loading its model")
+
+    monkeypatch.setattr(handlers, "shared_sentence_model", no_model)
+    assert run_text_embedding(root, "gsm", batch_size=16).skipped
+
+
+def test_a_side_without_tokens_is_nan(text_catalog):
+    # mt_bench rows are questions only: no answer side
+    run_text_embedding(text_catalog.root, "mt", batch_size=16, max_chars=384)
+    table = pq.read_table(text_catalog.embedding_partition("all-MiniLM-L6-v2", "mt"))
+    answer = np.asarray(table.column("answer_embedding").to_pylist(), dtype=np.float32)
+    user = np.asarray(table.column("user_embedding").to_pylist(), dtype=np.float32)
+    assert np.isnan(answer).all() and np.isfinite(user).all()

@@ -85,43 +85,63 @@ def sentence_weights_digest(model: Any) -> str:
     return digest
 
 
-class SentenceEmbeddingHandler(ModelHandler[str, np.ndarray, Any]):
-    """Texts -> sentence-transformers embeddings (default: the bundled all-MiniLM-L6-v2)."""
+def load_token_encoder(model_ref: str | None, device: str | None, tier: str = "fp32") -> Any:
+    """The span-poolable encoder of a text model (:mod:`pipeline.embed.spans`), once per process."""
+    if tier == "fp32":
+        from pipeline.embed.spans import TorchTokenEncoder
+
+        model = shared_sentence_model(model_ref, device)
+        encoder = getattr(model, "_thresher_token_encoder", None)
+        if encoder is None:
+            encoder = model._thresher_token_encoder = TorchTokenEncoder(model)
+        encoder.digest = sentence_weights_digest(model)
+        return encoder
+    from pipeline.embed.tiers import load_token_encoder as load_tier
+
+    return load_tier(tier, model_ref, device)
+
+
+class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
+    """:class:`pipeline.embed.spans.SpanText` -> a (3, dim) array: whole, user and answer vectors.
+
+    One encoder pass per text; the three rows are mean-pooled from the same token states
+    (user / answer rows are NaN where that side has no token).
+    """
 
     def __init__(
         self,
         model: str | os.PathLike[str] | None = None,
         *,
+        tier: str = "fp32",
         device: str | None = None,
         batch_size: int = 64,
         min_batch_size: int | None = None,
-        normalize: bool = True,
         expected_digest: str | None = None,
     ) -> None:
         super().__init__(**_batching(batch_size, min_batch_size))
         self.model_ref = None if model is None else os.fspath(model)
+        self.tier = tier
         self.device = device
         self.batch_size = batch_size
-        self.normalize = normalize
         self.expected_digest = expected_digest
 
     def load_model(self) -> Any:
-        model = shared_sentence_model(self.model_ref, self.device)
-        if self.expected_digest is not None:
-            _check_digest(sentence_weights_digest(model), self.expected_digest, f"text model {self.model_ref}")
-        return model
+        encoder = load_token_encoder(self.model_ref, self.device, self.tier)
+        _check_digest(encoder.digest, self.expected_digest, f"text model {self.model_ref} ({self.tier})")
+        return encoder
 
     def run_inference(
-        self, batch: Sequence[str], model: Any, inference_args: dict[str, Any] | None = None
+        self, batch: Sequence[Any], model: Any, inference_args: dict[str, Any] | None = None
     ) -> Iterable[np.ndarray]:
-        from pipeline.embed.sentence import embed_texts
+        from pipeline.embed.spans import POOLS, encode_spans
 
-        vectors = embed_texts(model, list(batch), batch_size=max(len(batch), 1), normalize=self.normalize)
-        return list(vectors)
+        pooled = encode_spans(model, list(batch), batch_size=max(len(batch), 1))
+        stacked = np.stack([pooled[name] for name in POOLS], axis=1)  # (n, 3, dim)
+        return list(stacked)
 
-    def get_num_bytes(self, batch: Sequence[str]) -> int:
+    def get_num_bytes(self, batch: Sequence[Any]) -> int:
         # The default pickles the whole batch just to measure it; lengths are what we need.
-        return sum(len(t) for t in batch)
+        return sum(len(item.text) for item in batch)
 
     def get_metrics_namespace(self) -> str:
         return "thresher_embed_text"

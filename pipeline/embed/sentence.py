@@ -113,6 +113,23 @@ def embed_texts(
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+def model_files_fingerprint(name_or_path: str | os.PathLike[str] | None = None) -> str:
+    """A cheap identity of a local model's files (names, sizes, mtimes; no bytes read).
+
+    What a stage compares to decide it can skip before loading the model; the weights digest
+    (:func:`model_digest`, or the state-dict digest) is computed only when the stage runs.
+    A name that is not a local folder stands for itself.
+    """
+    folder = Path(resolve_model_path(name_or_path))
+    if not folder.is_dir():
+        return f"name:{name_or_path}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)):
+        st = path.stat()
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def model_digest(name_or_path: str | os.PathLike[str] | None = None) -> str:
     """sha256 over the model's weight and config files (relative path + bytes), for provenance.
 

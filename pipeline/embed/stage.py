@@ -11,7 +11,8 @@ the same order. Every output table uses ``schemas.embedding_schema(dim)`` and ca
 metadata ``model``, ``weights_digest`` (sha256 of the state dict), ``normalized`` and ``dim``.
 
 * :func:`run_text_embedding`: instruction conversations -> one text each
-  (:func:`conversation_text`) -> sentence-transformers (default: the bundled all-MiniLM-L6-v2).
+  (:func:`conversation_text`) -> one encoder pass (default: the bundled all-MiniLM-L6-v2),
+  pooled into the whole-text, user-side and answer-side vectors (:mod:`pipeline.embed.spans`).
 * :func:`run_clip_embedding`: image-text samples -> CLIP image embeddings
   (``<model>-image``), caption embeddings (``<model>-text``) and the image-caption cosine
   (CLIP score) in ``annotations/clip_score/``, all three from one Beam job.
@@ -31,20 +32,21 @@ import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import RunInference
 
 import schemas
+from pipeline.beam import progress
 from pipeline.beam.stage import StageResult, input_shards, run_stage
 from pipeline.embed.handlers import (
     ClipImageEmbeddingHandler,
     ClipTextEmbeddingHandler,
-    SentenceEmbeddingHandler,
+    SpanEmbeddingHandler,
     keyed,
-    sentence_weights_digest,
-    shared_sentence_model,
+    load_token_encoder,
 )
+from pipeline.embed.spans import conversation_spans
 from pipeline.io.catalog import Catalog, safe_name, write_parquet_atomic
 
 DEFAULT_TEXT_MODEL_NAME = "all-MiniLM-L6-v2"
 CLIP_SCORE_ANNOTATOR = "clip_score"
-TEXT_RECIPE_VERSION = 1  # bump when conversation_text changes what it produces
+TEXT_RECIPE_VERSION = 2  # bump when conversation_spans changes what it produces (2: span vectors)
 CHARS_PER_TOKEN = 4  # rough English average; sizes the character budget from the token limit
 
 # Table metadata keys that readers (index stage, DuckDB views) rely on.
@@ -61,42 +63,9 @@ CLIP_SCORE_SCHEMA = schemas.CLIP_SCORE_ANNOTATIONS  # defined in schemas/, the o
 # --------------------------------------------------------------------------------------------
 
 
-def _cut(text: str, limit: int) -> str:
-    """At most ``limit`` characters, preferring to end at whitespace near the limit."""
-    if len(text) <= limit:
-        return text
-    if limit <= 0:
-        return ""
-    head = text[:limit]
-    space = head.rfind(" ", int(limit * 0.9))
-    return head[:space] if space > 0 else head
-
-
 def conversation_text(messages: Sequence[dict[str, str]], max_chars: int = 1024) -> str:
-    """The text one conversation is embedded as.
-
-    User turns first (in order), then assistant turns, separated by a blank line. System turns
-    are left out: they are mostly shared boilerplate and would pull unrelated conversations
-    together. When the whole does not fit ``max_chars``, each side gets half of the budget and
-    a side that needs less gives the rest to the other, so a long answer never crowds out the
-    instruction and a long instruction never hides the answer entirely.
-    """
-    if max_chars < 16:
-        raise ValueError(f"max_chars must be at least 16, got {max_chars}")
-    user = "\n".join(m["content"].strip() for m in messages if m.get("role") == "user" and m.get("content"))
-    reply = "\n".join(m["content"].strip() for m in messages if m.get("role") == "assistant" and m.get("content"))
-    sep = "\n\n" if user and reply else ""
-    budget = max_chars - len(sep)
-    if len(user) + len(reply) > budget:
-        half = budget // 2
-        if len(user) <= half:
-            reply = _cut(reply, budget - len(user))
-        elif len(reply) <= half:
-            user = _cut(user, budget - len(reply))
-        else:
-            user = _cut(user, half)
-            reply = _cut(reply, budget - len(user))
-    return f"{user}{sep}{reply}"
+    """The text one conversation is embedded as (see :func:`pipeline.embed.spans.conversation_spans`)."""
+    return conversation_spans(messages, max_chars).text
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +76,7 @@ _MARKER = "markers"
 
 
 class ReadConversationTexts(beam.DoFn):
-    """Instruction shard -> ``((shard, row, sample_id), text)``, plus one shard marker."""
+    """Instruction shard -> ``((shard, row, sample_id), SpanText)``, plus one shard marker."""
 
     def __init__(self, max_chars: int) -> None:
         self.max_chars = max_chars
@@ -116,12 +85,13 @@ class ReadConversationTexts(beam.DoFn):
         name = Path(shard_path).name
         table = pq.read_table(shard_path, columns=["sample_id", "messages"])
         ids = table.column("sample_id").to_pylist()
-        texts = [conversation_text(m or [], self.max_chars) for m in table.column("messages").to_pylist()]
+        items = [conversation_spans(m or [], self.max_chars) for m in table.column("messages").to_pylist()]
         # Emitted shortest first: BatchElements cuts consecutive elements into batches, so
         # similar lengths share a batch and little compute goes to padding. The row number in
         # the key puts every vector back in shard order when the shard is written.
-        for row in sorted(range(len(texts)), key=lambda i: len(texts[i])):
-            yield ((name, row, ids[row]), texts[row])
+        for row in sorted(range(len(items)), key=lambda i: len(items[i].text)):
+            yield ((name, row, ids[row]), items[row])
+            progress.tick(self)
         # Every shard gets a group downstream, so an empty input shard still writes its output.
         yield beam.pvalue.TaggedOutput(_MARKER, (name, None))
 
@@ -143,6 +113,7 @@ class ReadImageTextRows(beam.DoFn):
             yield beam.pvalue.TaggedOutput("captions", (key, caption))
             # An empty caption still gets a text vector (every sample has one) but no score.
             yield beam.pvalue.TaggedOutput(_MARKER, (name, ("flag", row, sid, bool(caption.strip()))))
+            progress.tick(self)
         yield beam.pvalue.TaggedOutput(_MARKER, (name, None))
 
 
@@ -152,20 +123,28 @@ def to_shard_value(keyed_vector: tuple[tuple[str, int, str], np.ndarray], tag: s
     return name, (tag, row, sid, np.asarray(vector, dtype=np.float32).tobytes())
 
 
-def vectors_table(values: list[tuple[str, int, str, bytes]], dim: int) -> tuple[list[str], np.ndarray]:
-    """Rows sorted back into shard order: (sample ids, float32 (n, dim))."""
+def vectors_table(values: list[tuple[str, int, str, bytes]], dim: int, per_row: int = 1) -> tuple[list[str], np.ndarray]:
+    """Rows sorted back into shard order: (sample ids, float32 (n, dim) or (n, per_row, dim))."""
     values = sorted(values, key=lambda v: v[1])
     ids = [v[2] for v in values]
     flat = np.frombuffer(b"".join(v[3] for v in values), dtype=np.float32)
-    if flat.size != len(ids) * dim:
-        raise ValueError(f"expected {len(ids)} vectors of dimension {dim}, got {flat.size} values")
-    return ids, flat.reshape(len(ids), dim)
+    if flat.size != len(ids) * dim * per_row:
+        raise ValueError(f"expected {len(ids)} x {per_row} vectors of dimension {dim}, got {flat.size} values")
+    return ids, flat.reshape(len(ids), per_row, dim) if per_row > 1 else flat.reshape(len(ids), dim)
+
+
+def _vector_column(vectors: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), vectors.shape[1])
 
 
 def embedding_table(ids: list[str], vectors: np.ndarray, schema: pa.Schema) -> pa.Table:
-    dim = vectors.shape[1]
-    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim)
-    return pa.Table.from_arrays([pa.array(ids, type=pa.string()), column], schema=schema)
+    """``vectors`` (n, dim), or (n, 3, dim) for a span schema: whole, user, answer."""
+    columns = [pa.array(ids, type=pa.string())]
+    if vectors.ndim == 3:
+        columns += [_vector_column(vectors[:, k]) for k in range(vectors.shape[1])]
+    else:
+        columns.append(_vector_column(vectors))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 class WriteEmbeddingShard(beam.DoFn):
@@ -178,7 +157,8 @@ class WriteEmbeddingShard(beam.DoFn):
         name, values = element
         rows = [v for v in values if v is not None]
         dim = self.schema.field("embedding").type.list_size
-        ids, vectors = vectors_table(rows, dim)
+        per_row = 3 if "user_embedding" in self.schema.names else 1
+        ids, vectors = vectors_table(rows, dim, per_row)
         write_parquet_atomic(embedding_table(ids, vectors, self.schema), Path(self.staging) / name, self.schema)
         yield len(ids)
 
@@ -267,8 +247,8 @@ class ClipEmbeddingResult:
         ])
 
 
-def embedding_schema_with_meta(dim: int, meta: dict[str, str]) -> pa.Schema:
-    base = schemas.embedding_schema(dim)
+def embedding_schema_with_meta(dim: int, meta: dict[str, str], spans: bool = False) -> pa.Schema:
+    base = schemas.embedding_schema(dim, spans)
     return base.with_metadata({**{k.decode(): v.decode() for k, v in (base.metadata or {}).items()}, **meta})
 
 
@@ -286,12 +266,15 @@ def _result_from_stage(res: StageResult, model_key: str, dim: int, digest: str, 
     )
 
 
-def text_model_key(model: str | os.PathLike[str] | None) -> str:
-    """Embeddings folder name for a sentence model: the bundled MiniLM, a folder's name, or the name."""
+def text_model_key(model: str | os.PathLike[str] | None, tier: str = "fp32") -> str:
+    """Embeddings folder name for a sentence model: the bundled MiniLM, a folder's name, or the
+    name; a tier other than fp32 is a suffix (``all-MiniLM-L6-v2-int8``)."""
     if model is None:
-        return DEFAULT_TEXT_MODEL_NAME
-    path = Path(model).expanduser()
-    return safe_name(path.name if path.exists() else os.fspath(model))
+        base = DEFAULT_TEXT_MODEL_NAME
+    else:
+        path = Path(model).expanduser()
+        base = safe_name(path.name if path.exists() else os.fspath(model))
+    return base if tier == "fp32" else f"{base}-{tier}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,42 +294,46 @@ def run_text_embedding(
     max_chars: int | None = None,
     device: str | None = None,
     beam_args: list[str] | None = None,
+    tier: str = "fp32",
 ) -> EmbeddingResult:
     """Embed every instruction sample of ``dataset`` with a sentence-transformers model.
 
     ``model``: a local sentence-transformers folder, a name already in the local cache, or
     ``None`` for the bundled all-MiniLM-L6-v2. ``name`` overrides the embeddings folder name.
     ``max_chars`` caps the text per conversation (default: 4 characters per model token, e.g.
-    1024 for MiniLM's 256 tokens; see :func:`conversation_text`). Vectors are L2-normalised.
-    Skips when the samples, the weights and the settings are unchanged (unless ``force``).
+    1024 for MiniLM's 256 tokens; see :func:`conversation_text`). ``tier``: ``fp32`` (the model
+    as it is), or a cheaper tier of it (:mod:`pipeline.embed.tiers`). One encoder pass per
+    conversation writes three L2-normalised vectors: ``embedding`` (the whole text),
+    ``user_embedding`` and ``answer_embedding`` (pooled over each side's tokens;
+    :mod:`pipeline.embed.spans`). Skips, without loading the model, when the samples, the model
+    files and the settings are unchanged and the output is intact (unless ``force``).
     """
-    from pipeline.embed.sentence import resolve_model_path
+    from pipeline.embed.sentence import model_files_fingerprint, resolve_model_path
 
     cat = Catalog.at(catalog)
     source = cat.samples_partition("instruction", dataset)
     input_shards(source)  # fail before loading a model when there is nothing to embed
-    st_model = shared_sentence_model(None if model is None else os.fspath(model), device)
-    digest = sentence_weights_digest(st_model)
-    get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
-    dim = int(get_dim())
-    if max_chars is None:
-        max_chars = CHARS_PER_TOKEN * int(st_model.max_seq_length or 256)
-    model_key = name or text_model_key(model)
+    model_ref = None if model is None else os.fspath(model)
+    model_key = name or text_model_key(model, tier)
     output = cat.embedding_partition(model_key, dataset)
-    schema = embedding_schema_with_meta(dim, {
-        META_MODEL: model_key, META_DIGEST: digest, META_NORMALIZED: "true", META_DIM: str(dim),
-        "model_source": resolve_model_path(None if model is None else os.fspath(model)),
-        "text_recipe": f"conversation_text v{TEXT_RECIPE_VERSION}, max_chars={max_chars}",
-    })
-    handler = SentenceEmbeddingHandler(None if model is None else os.fspath(model), device=device,
-                                       batch_size=batch_size, expected_digest=digest)
-    parameters = {"model": model_key, "weights_digest": digest, "max_chars": max_chars, "normalized": True,
-                  "recipe": TEXT_RECIPE_VERSION}
+    # Decided from the model's files, not its loaded weights: an unchanged stage skips without
+    # loading anything. The weights digest is recorded in the table when the stage runs.
+    parameters = {"model": model_key, "tier": tier, "model_files": model_files_fingerprint(model_ref),
+                  "max_chars": max_chars, "normalized": True, "recipe": TEXT_RECIPE_VERSION}
 
     def expand(shard_paths: beam.PCollection, staging: Path) -> Any:
+        encoder = load_token_encoder(model_ref, device, tier)
+        chars = max_chars or CHARS_PER_TOKEN * encoder.max_tokens
+        schema = embedding_schema_with_meta(encoder.dim, {
+            META_MODEL: model_key, META_DIGEST: encoder.digest, META_NORMALIZED: "true", META_DIM: str(encoder.dim),
+            "model_source": resolve_model_path(model_ref), "tier": tier,
+            "text_recipe": f"conversation_spans v{TEXT_RECIPE_VERSION}, max_chars={chars}",
+        }, spans=True)
+        handler = SpanEmbeddingHandler(model_ref, tier=tier, device=device, batch_size=batch_size,
+                                       expected_digest=encoder.digest)
         rows = (shard_paths
                 | "Spread" >> beam.Reshuffle()
-                | "ReadTexts" >> beam.ParDo(ReadConversationTexts(max_chars)).with_outputs(_MARKER, main="rows"))
+                | "ReadTexts" >> beam.ParDo(ReadConversationTexts(chars)).with_outputs(_MARKER, main="rows"))
         vectors = (rows.rows
                    | "Embed" >> RunInference(keyed(handler))
                    | "ByShard" >> beam.Map(to_shard_value))
@@ -357,8 +344,10 @@ def run_text_embedding(
 
     res = run_stage(cat.root, "embed_text", dataset, source, output, expand, parameters,
                     workers=workers, beam_args=beam_args, force=force)
-    out = _result_from_stage(res, model_key, dim, digest, output)
-    out.extra = {"max_chars": max_chars, "batch_size": batch_size, "model_source": schema.metadata[b"model_source"].decode()}
+    meta = read_embedding_metadata(output)
+    out = _result_from_stage(res, model_key, int(meta[META_DIM]), meta[META_DIGEST], output)
+    out.extra = {"max_chars": int(meta["text_recipe"].rsplit("=", 1)[1]), "batch_size": batch_size,
+                 "model_source": meta["model_source"], "tier": tier}
     return out
 
 
