@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--tags", default="auto", help="catalog input: tag annotator (default: input, then offline)")
     m.add_argument("--quality", default="auto", help="catalog input: quality annotator")
     m.add_argument("--random-trials", type=int, default=5)
+    m.add_argument("--near-dups", default="auto", metavar="ANNOTATOR",
+                   help="catalog input: the near-duplicate annotation (near_dup_<model>, or the model name) whose "
+                        "near-copies leave the pool, as in the curate_instructions flow (default: the dataset's "
+                        "own, when `thresher index --near-dup` made one)")
+    m.add_argument("--keep-near-duplicates", action="store_true",
+                   help="catalog input: select from every sample, near-copies included")
 
     c = sub.add_parser("cabs", help="CABS concept-aware batch plans for image-text training")
     c.add_argument("--dataset", help="catalog dataset with concept annotations")
@@ -77,14 +83,23 @@ def _mig(args: argparse.Namespace) -> int:
                        phi=args.phi, phi_b=args.phi_b, phi_a=args.phi_a, phi_alpha=args.phi_alpha, norm=args.norm)
     if "#" in args.input and not Path(args.input).exists():
         catalog, dataset = args.input.rsplit("#", 1)
-        pool = mig_pool.pool_from_catalog(catalog, dataset, args.tags, args.quality)
+        near = None if args.keep_near_duplicates else args.near_dups
+        pool = mig_pool.pool_from_catalog(catalog, dataset, args.tags, args.quality, near_duplicates=near)
+        if pool.notes.get("near_duplicates_from"):
+            print(f"near-duplicates: excluded {pool.notes['near_duplicates_excluded']:,} samples that "
+                  f"{pool.notes['near_duplicates_from']} marks as near-copies (--keep-near-duplicates keeps them)")
+        elif pool.notes.get("near_duplicates_note"):
+            print(pool.notes["near_duplicates_note"])
+        elif args.keep_near_duplicates:
+            print("near-duplicates: kept (--keep-near-duplicates)")
     else:
         if not Path(args.input).is_file():
             raise FileNotFoundError(f"--input {args.input} is neither a file nor CATALOG#DATASET")
         pool = mig_pool.pool_from_xsample(args.input)
     table, report = mig_pool.select(pool, args.budget, config, edges=args.label_graph,
                                     random_trials=args.random_trials)
-    params = {"input": args.input, "budget": args.budget, "label_graph": args.label_graph, **config.__dict__}
+    params = {"input": args.input, "budget": args.budget, "label_graph": args.label_graph,
+              "near_duplicates": pool.notes.get("near_duplicates_from"), **config.__dict__}
     out = mig_pool.write_selection(table, report, args.out, params)
     print("\n".join(report.lines()))
     print(f"wrote {table.num_rows} picks to {out} (report: {out.with_suffix('.report.json')})")

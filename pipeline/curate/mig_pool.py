@@ -56,23 +56,85 @@ def pool_from_xsample(path: str | Path) -> Pool:
                 str(path), {"skipped_without_annotations": xs.skipped})
 
 
+NEAR_DUP_PREFIX = "near_dup_"  # pipeline.index.stage.near_dup_annotator(model) names them so
+NEAR_DUP_THRESHOLD = 0.95  # the curate_instructions flow's default cosine
+# pipeline.embed.stage.DEFAULT_TEXT_MODEL_NAME (the folder `thresher embed` writes by default), kept
+# here so that choosing a pool does not import Beam; a test checks that the two agree.
+DEFAULT_EMBEDDINGS = "all-MiniLM-L6-v2"
+
+
+def near_dup_annotations(catalog: str | Path | Catalog, dataset: str) -> list[str]:
+    """The near-duplicate annotators (``near_dup_<model>``) that have rows for ``dataset``."""
+    cat = catalog if isinstance(catalog, Catalog) else Catalog.at(catalog)
+    root = cat.root / "annotations"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.glob(NEAR_DUP_PREFIX + "*")
+                  if p.is_dir() and annotations.find(cat, dataset, (p.name,)) is not None)
+
+
+def _how_to_mark(cat: Catalog, dataset: str) -> str:
+    emb = cat.root / "embeddings"
+    models = sorted(p.name for p in emb.glob("*") if (p / f"dataset={dataset}").is_dir()) if emb.is_dir() else []
+    index = (f"thresher index --catalog {cat.root} --dataset {dataset} --model {models[0] if models else DEFAULT_EMBEDDINGS} "
+             f"--near-dup {NEAR_DUP_THRESHOLD}")
+    if models:
+        return f"`{index}`"
+    return f"`thresher embed --catalog {cat.root} --dataset {dataset}`, then `{index}`"
+
+
+def resolve_near_duplicates(catalog: str | Path | Catalog, dataset: str,
+                            near_duplicates: str | None = "auto") -> tuple[str | None, str | None]:
+    """(the near-duplicate annotator to exclude near-copies with, or None; a note when there is none).
+
+    ``near_duplicates``: None keeps every sample; an annotator name (``near_dup_<model>``) or a
+    model name must exist; ``"auto"`` takes the dataset's near-duplicate annotation when it has
+    exactly one (or, among several, the default text model's), and otherwise returns None with a
+    one-line note saying so and how to make one.
+    """
+    if near_duplicates is None:
+        return None, None
+    cat = catalog if isinstance(catalog, Catalog) else Catalog.at(catalog)
+    if near_duplicates != "auto":
+        name = near_duplicates if near_duplicates.startswith(NEAR_DUP_PREFIX) else NEAR_DUP_PREFIX + near_duplicates
+        if annotations.find(cat, dataset, (name,)) is None:
+            have = near_dup_annotations(cat, dataset)
+            raise FileNotFoundError(f"dataset {dataset!r} has no {name} annotation (near-duplicate annotations "
+                                    f"here: {', '.join(have) or 'none'}); make one with {_how_to_mark(cat, dataset)}")
+        return name, None
+    have = near_dup_annotations(cat, dataset)
+    if len(have) == 1:
+        return have[0], None
+    if not have:
+        return None, (f"note: dataset {dataset!r} has no near-duplicate annotation, so near-copies can be picked; "
+                      f"make one with {_how_to_mark(cat, dataset)}")
+    default = NEAR_DUP_PREFIX + DEFAULT_EMBEDDINGS
+    if default in have:
+        return default, None
+    raise ValueError(f"dataset {dataset!r} has several near-duplicate annotations ({', '.join(have)}); "
+                     "choose one with --near-dups NAME")
+
+
 def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", quality: str = "auto",
                       near_duplicates: str | None = None) -> Pool:
     """Samples of ``dataset`` with labels from annotator ``tags`` and scores from ``quality``.
 
     ``auto`` prefers the annotations the input carried (``input_tags`` / ``input_quality``), then
     the offline annotators. Samples without tags get an empty label set; without a score, 0.
-    With ``near_duplicates`` (an annotator such as ``near_dup_<model>``), samples that annotation
-    marks as not kept leave the pool, so MIG never spends budget on a near-copy.
+    With ``near_duplicates`` (an annotator such as ``near_dup_<model>``, or ``"auto"``: see
+    :func:`resolve_near_duplicates`), samples that annotation marks as not kept leave the pool, so
+    MIG never spends budget on a near-copy. The curate_instructions flow and ``thresher select
+    mig`` both build their pools here; ``notes`` say what was excluded and from which annotation.
     """
     cat = Catalog.at(catalog)
     samples = cat.samples_partition("instruction", dataset)
     if not samples.is_dir():
         raise FileNotFoundError(f"no instruction samples for dataset {dataset!r} in {cat.root}")
     ids = sorted(pq.read_table(samples, columns=["sample_id"]).column("sample_id").to_pylist())
+    near_from, near_note = resolve_near_duplicates(cat, dataset, near_duplicates)
     dropped = 0
-    if near_duplicates:
-        removed = annotations.near_copies(cat, dataset, near_duplicates)
+    if near_from:
+        removed = annotations.near_copies(cat, dataset, near_from)
         dropped = sum(1 for s in ids if s in removed)
         ids = [s for s in ids if s not in removed]
     hint = "run `thresher annotate` first (or pass an xsample JSONL file)"
@@ -87,7 +149,9 @@ def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", qua
     notes = {"tags_from": tag_part.parent.name, "quality_from": q_part.parent.name,
              "without_tags": sum(1 for s in ids if s not in by_id_tags),
              "without_score": sum(1 for s in ids if s not in by_id_score),
-             "near_duplicates_excluded": dropped}
+             "near_duplicates_excluded": dropped, "near_duplicates_from": near_from}
+    if near_note:
+        notes["near_duplicates_note"] = near_note
     return Pool(ids, labels, scores, np.arange(len(ids)), f"{cat.root}#{dataset}", notes)
 
 
