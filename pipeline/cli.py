@@ -17,6 +17,7 @@ import argparse
 import difflib
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from pathlib import Path
@@ -36,6 +37,29 @@ def _quiet_logs() -> None:
     logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
 
 
+VERBOSE_HELP = ("show INFO logs, Beam's included, and let local Beam workers print their start-up lines "
+                "(also: THRESHER_VERBOSE=1)")
+
+
+def _verbose_logs() -> None:
+    """``--verbose``: INFO logs, and Beam's SDK workers started with Beam's own (chatty) command."""
+    from pipeline.beam.progress import VERBOSE_ENV
+
+    os.environ[VERBOSE_ENV] = "1"  # read by run_pipeline, and inherited by worker processes
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` on ``parser`` and every (sub-)sub-command, so it may follow the command too."""
+    if "--verbose" not in parser._option_string_actions:
+        # SUPPRESS: a sub-command that was not given the flag does not reset the main one
+        parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_verbose(sub)
+
+
 def command_modules() -> dict[str, ModuleType]:
     modules = {}
     for info in sorted(pkgutil.iter_modules(pipeline.commands.__path__), key=lambda i: i.name):
@@ -51,6 +75,7 @@ def build_parser(modules: dict[str, ModuleType]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, mod in modules.items():
         mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.HELP))
+    _add_verbose(parser)
     return parser
 
 
@@ -170,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
     except SystemExit as exc:  # argparse printed --help, or usage and the error
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    from pipeline.beam.progress import verbose
+
+    if getattr(args, "verbose", False) or verbose():
+        _verbose_logs()
     mod = modules[args.command]
     leaf = active_parser(parser, args)
     # a sub-command can opt out of its module's PASSES_EXTRA_ARGS with set_defaults(passes_extra_args=False)

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas
+from pipeline.beam import progress
 from pipeline.beam.runner import make_pipeline_options, run_pipeline
 from pipeline.io.catalog import (SAMPLE_TABLE, Catalog, check_name, shard_name, table_from_rows, write_json_atomic,
                                  write_parquet_atomic)
@@ -124,6 +125,7 @@ class ParseChunks(beam.DoFn):
             if table in ANNOTATION_TABLES:
                 schema = _with_lineage(schema)
             yield shard, (table, _ipc(table_from_rows(rows, schema)))
+        progress.tick(self, chunk.rows_in)  # rows read and parsed (ReadAndParse or ParseChunks)
 
 
 class ReadAndParse(ParseChunks):
@@ -198,6 +200,7 @@ class WriteShard(beam.DoFn):
             self._write(table, ann, name)
         write_json_atomic(asdict(stats), Path(self.staging) / "_stats" / f"{shard:05d}.json")
         failpoint("ingest:write_shard")
+        progress.tick(self, 1, "shards")
         yield asdict(stats)
 
     def _write(self, table: str, data: pa.Table, name: str) -> None:
@@ -325,9 +328,12 @@ def run_ingest(
                                 skipped=True)
         staging = run.area / "out"  # WriteShard writes <staging>/<table>/, i.e. run.staging[table]
         plan_s = time.perf_counter() - t0
+        expected = progress.estimate_rows(units)  # for the progress bar only
         t1 = time.perf_counter()
-        run_pipeline(lambda p: build_pipeline(p, units, staging, kind, shards, limits, ranges_per_file=workers),
-                     make_pipeline_options(workers, beam_args))
+        with progress.watch(run.area, expected, f"ingest {dataset}", exact=False,
+                            extras={"shards": shards}) as watched:
+            run_pipeline(lambda p: build_pipeline(p, units, staging, kind, shards, limits, ranges_per_file=workers),
+                         make_pipeline_options(workers, beam_args), progress_dir=watched.folder)
         beam_s = time.perf_counter() - t1
         counts = _sum_stats(staging)
         accounted = counts["samples"] + counts["rejects"] + counts["duplicates"]

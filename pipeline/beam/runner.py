@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import os
+import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,6 +26,8 @@ from apache_beam.options.pipeline_options import (
     PipelineOptions,
     StandardOptions,
 )
+
+from pipeline.beam.progress import verbose
 
 
 def make_pipeline_options(workers: int = 1, beam_args: list[str] | None = None) -> PipelineOptions:
@@ -39,18 +44,59 @@ def _explicit_runner(args: list[str]) -> bool:
     return any(a == "--runner" or a.startswith("--runner=") for a in args)
 
 
-def run_pipeline(build: Callable[[beam.Pipeline], Any], options: PipelineOptions) -> Any:
-    """Build and run a pipeline to completion; returns the runner's result (for metrics)."""
+def run_pipeline(build: Callable[[beam.Pipeline], Any], options: PipelineOptions,
+                 progress_dir: str | os.PathLike[str] | None = None) -> Any:
+    """Build and run a pipeline to completion; returns the runner's result (for metrics).
+
+    ``progress_dir`` (a :func:`pipeline.beam.progress.watch` folder) is stamped onto every
+    Thresher DoFn of the pipeline, so that ``progress.tick(self, n)`` in their ``process``
+    reports there, in whichever process or machine they run. Local multi-process runs start
+    their SDK workers quietly unless ``THRESHER_VERBOSE`` is set (:mod:`pipeline.beam.quiet_worker`).
+    """
     runner = None
+    direct = options.view_as(DirectOptions)
+    mode = direct.direct_running_mode
     if options.get_all_options().get("runner") is None:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-        runner = FnApiRunner()
-    p = beam.Pipeline(runner=runner, options=options)
-    build(p)
-    result = p.run()
-    result.wait_until_finish()
+        if mode == "multi_processing" and not verbose():
+            from apache_beam.transforms.environments import SubprocessSDKEnvironment
+
+            # Beam's own worker command for this mode, with our quiet entry point; the mode is
+            # cleared for the run (and restored below) so that Beam does not put its own back.
+            command = f"{shlex.quote(sys.executable)} -m pipeline.beam.quiet_worker"
+            runner = FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
+            direct.direct_running_mode = None
+        else:
+            runner = FnApiRunner()
+    try:
+        p = beam.Pipeline(runner=runner, options=options)
+        build(p)
+        if progress_dir is not None:
+            _stamp_progress(p, os.fspath(progress_dir))
+        result = p.run()
+        result.wait_until_finish()
+    finally:
+        direct.direct_running_mode = mode
     return result
+
+
+def _stamp_progress(p: beam.Pipeline, folder: str) -> None:
+    """Give every DoFn that is not Beam's own the progress folder (see pipeline.beam.progress)."""
+    from apache_beam.pipeline import PipelineVisitor
+
+    from pipeline.beam.progress import DOFN_ATTR
+
+    class Stamp(PipelineVisitor):
+        def visit_transform(self, node) -> None:
+            fn = getattr(node.transform, "fn", None)
+            if isinstance(fn, beam.DoFn) and not type(fn).__module__.startswith("apache_beam."):
+                try:
+                    setattr(fn, DOFN_ATTR, folder)
+                except (AttributeError, TypeError):
+                    pass
+
+    p.visit(Stamp())
 
 
 # --------------------------------------------------------------------------------------------

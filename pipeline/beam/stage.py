@@ -26,6 +26,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.beam import progress
 from pipeline.beam.runner import make_pipeline_options, run_pipeline
 from pipeline.io.catalog import Catalog, write_parquet_atomic
 from pipeline.io.runs import StageRun
@@ -52,6 +53,7 @@ class _MapShard(beam.DoFn):
         table = pq.read_table(shard_path, columns=self.columns)
         out = self.fn(table)
         write_parquet_atomic(out, Path(self.staging) / Path(shard_path).name, self.schema)
+        progress.tick(self, table.num_rows)  # a whole shard at once: the ShardFn sees the table
         yield out.num_rows
 
 
@@ -115,9 +117,11 @@ def run_stage(
             return StageResult(stage, dataset, str(first), st["run_id"], st["counts"]["rows_in"],
                                st["counts"]["rows_out"], 0.0, skipped=True, extra=st.get("extra", {}))
         staging = run.staging if isinstance(output_partition, dict) else run.staging["out"]
-        run_pipeline(lambda p: expand(p | "Shards" >> beam.Create([str(s) for s in shards]), staging),
-                     make_pipeline_options(workers, beam_args))
-        counts = {"rows_in": sum(pq.ParquetFile(p).metadata.num_rows for p in shards),
+        rows_in = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
+        with progress.watch(run.area, rows_in, f"{stage} {dataset}") as watched:
+            run_pipeline(lambda p: expand(p | "Shards" >> beam.Create([str(s) for s in shards]), staging),
+                         make_pipeline_options(workers, beam_args), progress_dir=watched.folder)
+        counts = {"rows_in": rows_in,
                   "rows_out": _rows(next(iter(run.staging.values())))}
         run.commit(counts)
     return StageResult(stage, dataset, str(first), run.run_id, counts["rows_in"], counts["rows_out"],
