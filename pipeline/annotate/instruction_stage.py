@@ -22,13 +22,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import schemas
 from pipeline.annotate.llm import QUALITY_PROMPT_VERSION, TAG_PROMPT_VERSION, LLMAnnotator, LLMConfig
-from pipeline.annotate.quality import SCORER_VERSION, OfflineQualityScorer, combine_rounds
+from pipeline.annotate.quality import SCORER_VERSION, OfflineQualityScorer, combine_rounds, on_topic_from_spans
 from pipeline.annotate.tags import TAGGER_VERSION, OfflineTagger, TaggerConfig, load_tag_vocabulary
 from pipeline.beam.stage import ShardFn, StageResult, run_shard_stage
 from pipeline.io.catalog import Catalog
@@ -42,61 +43,69 @@ CHUNK_ROWS = 2048  # rows embedded together: bounds memory on big shards
 
 
 
-def _chunks(table: pa.Table, size: int):
-    for start in range(0, table.num_rows, size):
-        yield table.slice(start, size)
-
-
-def _default_embedder(model: str | None, device: str | None, batch_size: int):
-    from pipeline.embed.sentence import embed_texts, load_sentence_embedder
-
-    st = load_sentence_embedder(model, device=device)
-    return lambda texts: embed_texts(st, texts, batch_size=batch_size)
+def _vectors(table: pa.Table, column: str) -> np.ndarray:
+    return np.asarray(table.column(column).to_pylist(), dtype=np.float32)
 
 
 # ---------------------------------------------------------------- shard functions
 
 
 class OfflineTagFn(ShardFn):
-    def __init__(self, annotator: str, vocabulary_path: str | None, config: TaggerConfig,
-                 embed_model: str | None = None, device: str | None = None, batch_size: int = 64):
+    """Tags from the stored user-side vectors (``companion``: the text embeddings partition);
+    only the tag descriptions are encoded here, once per worker, by the same encoder."""
+
+    companion_columns = ["sample_id", "user_embedding"]
+
+    def __init__(self, annotator: str, vocabulary_path: str | None, config: TaggerConfig, embeddings: str,
+                 embed_model: str | None = None, device: str | None = None, tier: str = "fp32"):
         self.annotator, self.vocabulary_path, self.config = annotator, vocabulary_path, config
-        self.embed_model, self.device, self.batch_size = embed_model, device, batch_size
+        self.companion = embeddings
+        self.embed_model, self.device, self.tier = embed_model, device, tier
         self._tagger: OfflineTagger | None = None
 
     def setup(self) -> None:
         if self._tagger is None:
-            embedder = _default_embedder(self.embed_model, self.device, self.batch_size)
-            self._tagger = OfflineTagger(load_tag_vocabulary(self.vocabulary_path), embedder, self.config)
+            from pipeline.embed.handlers import load_token_encoder
+            from pipeline.embed.spans import encode_texts
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+            encoder = load_token_encoder(self.embed_model, self.device, self.tier)
+            self._tagger = OfflineTagger(load_tag_vocabulary(self.vocabulary_path),
+                                         lambda texts: encode_texts(encoder, texts), self.config)
+
+    def __call__(self, table: pa.Table, companion: pa.Table | None = None) -> pa.Table:
         self.setup()
         rows = []
-        for chunk in _chunks(table, CHUNK_ROWS):
+        for start in range(0, table.num_rows, CHUNK_ROWS):
+            chunk, vectors = table.slice(start, CHUNK_ROWS), companion.slice(start, CHUNK_ROWS)
             ids, messages = chunk["sample_id"].to_pylist(), chunk["messages"].to_pylist()
-            for sid, preds in zip(ids, self._tagger.tag_many(messages)):
+            preds_all = self._tagger.tag_many(messages, _vectors(vectors, "user_embedding"))
+            for sid, preds in zip(ids, preds_all):
                 rows.append({"sample_id": sid, "tags": [p.as_row() for p in preds], "annotator": self.annotator})
         return pa.Table.from_pylist(rows, schema=schemas.TAG_ANNOTATIONS) if rows else schemas.TAG_ANNOTATIONS.empty_table()
 
 
 class OfflineQualityFn(ShardFn):
-    def __init__(self, annotator: str, embed_chars: int = 400, use_embeddings: bool = True,
-                 embed_model: str | None = None, device: str | None = None, batch_size: int = 64):
-        self.annotator, self.embed_chars, self.use_embeddings = annotator, embed_chars, use_embeddings
-        self.embed_model, self.device, self.batch_size = embed_model, device, batch_size
-        self._scorer: OfflineQualityScorer | None = None
+    """Heuristic DEITA-scale scores; the on-topic feature is the cosine of the stored user-side
+    and answer-side vectors (``companion``), so no model is loaded here."""
 
-    def setup(self) -> None:
-        if self._scorer is None:
-            embedder = _default_embedder(self.embed_model, self.device, self.batch_size) if self.use_embeddings else False
-            self._scorer = OfflineQualityScorer(embedder, embed_chars=self.embed_chars)
+    companion_columns = ["sample_id", "user_embedding", "answer_embedding"]
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        self.setup()
+    def __init__(self, annotator: str, embeddings: str | None):
+        self.annotator = annotator
+        self.companion = embeddings  # None: score without the on-topic feature
+        self._scorer = OfflineQualityScorer(embedder=False)
+
+    def __call__(self, table: pa.Table, companion: pa.Table | None = None) -> pa.Table:
         rows = []
-        for chunk in _chunks(table, CHUNK_ROWS):
+        for start in range(0, table.num_rows, CHUNK_ROWS):
+            chunk = table.slice(start, CHUNK_ROWS)
+            on_topic = None
+            if companion is not None:
+                vectors = companion.slice(start, CHUNK_ROWS)
+                on_topic = on_topic_from_spans(np.einsum(  # NaN where a side is absent
+                    "ij,ij->i", _vectors(vectors, "user_embedding"), _vectors(vectors, "answer_embedding")))
             ids, messages = chunk["sample_id"].to_pylist(), chunk["messages"].to_pylist()
-            for sid, result in zip(ids, self._scorer.score_many(messages)):
+            for sid, result in zip(ids, self._scorer.score_many(messages, on_topic)):
                 rows.append(result.row(sid, self.annotator))
         return pa.Table.from_pylist(rows, schema=schemas.QUALITY_ANNOTATIONS) if rows else schemas.QUALITY_ANNOTATIONS.empty_table()
 
@@ -166,13 +175,16 @@ def _error_counts(partition: Path) -> dict[str, int]:
     return {c["values"]: int(c["counts"]) for c in counts}
 
 
-def _embedder_digest(model: str | None) -> str:
-    from pipeline.embed.sentence import model_digest
+def _stored_embeddings(cat: Catalog, dataset: str, embed_model: str | None, tier: str, workers: int,
+                       beam_args: list[str] | None) -> tuple[Path, list[dict[str, Any]]]:
+    """The dataset's text embeddings (made now if missing or stale: the one text pass that tags,
+    quality, the index and MIG all reuse), and their fingerprint for the caller's skip test."""
+    from pipeline.beam.stage import input_shards, shard_fingerprint
+    from pipeline.embed.stage import run_text_embedding
 
-    try:
-        return model_digest(model)
-    except FileNotFoundError:
-        return str(model)  # a hub name in the local cache: its name is what we can record
+    result = run_text_embedding(cat.root, dataset, embed_model, workers=workers, beam_args=beam_args, tier=tier)
+    partition = Path(result.output)
+    return partition, shard_fingerprint(input_shards(partition))
 
 
 def run_tag_annotation(
@@ -184,6 +196,7 @@ def run_tag_annotation(
     tagger_config: TaggerConfig | None = None,
     embed_model: str | None = None,
     device: str | None = None,
+    tier: str = "fp32",
     llm: LLMConfig | None = None,
     cache_path: str | Path | None = None,
     name: str | None = None,
@@ -191,7 +204,11 @@ def run_tag_annotation(
     beam_args: list[str] | None = None,
     force: bool = False,
 ) -> StageResult:
-    """Tag every instruction sample of ``dataset``; ``annotator`` is ``offline_tags`` or ``llm_tags``."""
+    """Tag every instruction sample of ``dataset``; ``annotator`` is ``offline_tags`` or ``llm_tags``.
+
+    ``offline_tags`` reads the user-side vectors of the dataset's text embeddings
+    (``embed_model``/``tier``; made first when missing), so no conversation is encoded again.
+    """
     cat = Catalog.at(catalog)
     out_name = _output_name("tags", annotator, name)
     src = cat.samples_partition("instruction", dataset)
@@ -199,11 +216,13 @@ def run_tag_annotation(
     if annotator == OFFLINE_TAGS:
         config = tagger_config or TaggerConfig()
         vocab = load_tag_vocabulary(vocabulary)  # fail early, in the driver, on a bad file
-        fn: ShardFn = OfflineTagFn(out_name, str(vocabulary) if vocabulary else None, config, embed_model, device)
+        emb, emb_fp = _stored_embeddings(cat, dataset, embed_model, tier, workers, beam_args)
+        fn: ShardFn = OfflineTagFn(out_name, str(vocabulary) if vocabulary else None, config, str(emb),
+                                   embed_model, device, tier)
         schema = schemas.TAG_ANNOTATIONS
         params: dict[str, Any] = {"annotator": annotator, "tagger_version": TAGGER_VERSION,
                                   "vocabulary_digest": vocab.digest, "config": config.to_dict(),
-                                  "embedder": _embedder_digest(embed_model)}
+                                  "embeddings": emb_fp}
     elif annotator == LLM_TAGS:
         if llm is None:
             raise ValueError("the llm_tags annotator needs an endpoint and a model (LLMConfig)")
@@ -224,10 +243,9 @@ def run_quality_annotation(
     dataset: str,
     annotator: str = OFFLINE_QUALITY,
     *,
-    embed_chars: int = 400,
     use_embeddings: bool = True,
     embed_model: str | None = None,
-    device: str | None = None,
+    tier: str = "fp32",
     llm: LLMConfig | None = None,
     cache_path: str | Path | None = None,
     name: str | None = None,
@@ -235,17 +253,24 @@ def run_quality_annotation(
     beam_args: list[str] | None = None,
     force: bool = False,
 ) -> StageResult:
-    """Score every instruction sample of ``dataset``; ``annotator`` is ``offline_quality`` or ``llm_quality``."""
+    """Score every instruction sample of ``dataset``; ``annotator`` is ``offline_quality`` or ``llm_quality``.
+
+    ``offline_quality``'s on-topic feature is the cosine of the stored user-side and answer-side
+    vectors of the dataset's text embeddings (made first when missing; ``use_embeddings=False``
+    scores without it).
+    """
     cat = Catalog.at(catalog)
     out_name = _output_name("quality", annotator, name)
     src = cat.samples_partition("instruction", dataset)
     out = cat.annotation_partition(out_name, dataset)
     if annotator == OFFLINE_QUALITY:
-        fn: ShardFn = OfflineQualityFn(out_name, embed_chars, use_embeddings, embed_model, device)
+        emb, emb_fp = (_stored_embeddings(cat, dataset, embed_model, tier, workers, beam_args)
+                       if use_embeddings else (None, None))
+        fn: ShardFn = OfflineQualityFn(out_name, str(emb) if emb else None)
         schema = schemas.QUALITY_ANNOTATIONS
         params: dict[str, Any] = {"annotator": annotator, "scorer_version": SCORER_VERSION,
-                                  "embed_chars": embed_chars,
-                                  "embedder": _embedder_digest(embed_model) if use_embeddings else None}
+                                  "on_topic": "stored user/answer span vectors" if use_embeddings else None,
+                                  "embeddings": emb_fp}
     elif annotator == LLM_QUALITY:
         if llm is None:
             raise ValueError("the llm_quality annotator needs an endpoint and a model (LLMConfig)")

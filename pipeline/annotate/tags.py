@@ -36,6 +36,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.annotate.tag_rules import CompiledRules
+
 DEFAULT_TAG_VOCABULARY = Path(__file__).resolve().with_name("tag_vocab.tsv")
 TAGGER_VERSION = "1"
 
@@ -198,7 +200,7 @@ class OfflineTagger:
         self.batch_size = batch_size
         self._embedder = embedder
         self._tag_vectors: np.ndarray | None = None
-        self._rules = [(i, r) for i, e in enumerate(self.vocabulary.entries) for r in e.rules]
+        self._rules = CompiledRules((i, r) for i, e in enumerate(self.vocabulary.entries) for r in e.rules)
         self._multi_turn = self._optional_index(MULTI_TURN_TAG)
         self._long_input = self._optional_index(LONG_INPUT_TAG)
 
@@ -226,32 +228,37 @@ class OfflineTagger:
             self._tag_vectors = self._embed([e.embedding_text for e in self.vocabulary.entries])
         return self._tag_vectors
 
-    def similarities(self, conversations: Sequence[Sequence[dict]]) -> np.ndarray:
-        """Cosine of every conversation's user text with every tag: shape (n, n_tags)."""
+    def similarities(self, conversations: Sequence[Sequence[dict]],
+                     user_vectors: np.ndarray | None = None) -> np.ndarray:
+        """Cosine of every conversation's user text with every tag: shape (n, n_tags).
+
+        ``user_vectors``: the stored unit-norm user-side vectors of the conversations (from the
+        text embedding stage, same model), so nothing is encoded again; a NaN row (no user
+        token) scores 0 against every tag and leaves the rules to decide.
+        """
         c = self.config
-        texts = [head_and_tail(user_text(m), c.head_chars, c.tail_chars) or " " for m in conversations]
-        if not texts:
-            return np.zeros((0, len(self.vocabulary)), dtype=np.float32)
-        return self._embed(texts) @ self.tag_vectors.T
+        if user_vectors is None:
+            texts = [head_and_tail(user_text(m), c.head_chars, c.tail_chars) or " " for m in conversations]
+            if not texts:
+                return np.zeros((0, len(self.vocabulary)), dtype=np.float32)
+            user_vectors = self._embed(texts)
+        elif len(user_vectors) != len(conversations):
+            raise ValueError(f"{len(user_vectors)} user vectors for {len(conversations)} conversations")
+        return np.nan_to_num(np.asarray(user_vectors, dtype=np.float32) @ self.tag_vectors.T, nan=0.0)
 
     def rule_matches(self, messages: Sequence[dict]) -> tuple[set[int], set[int]]:
-        """(indices of tags added by rules, indices boosted) for one conversation."""
+        """(indices of tags added by rules, indices boosted) for one conversation.
+
+        The same sets as running every rule's regex in vocabulary order; a literal pre-filter
+        (:mod:`pipeline.annotate.tag_rules`) skips the regexes that cannot match.
+        """
         limit = self.config.rule_text_chars
-        texts = {"user": _clip_for_rules(user_text(messages), limit),
-                 "response": _clip_for_rules(assistant_text(messages), limit)}
-        texts["any"] = texts["user"] + "\n" + texts["response"]
-        added: set[int] = set()
-        boosted: set[int] = set()
-        for i, rule in self._rules:
-            target = added if rule.mode == "add" else boosted
-            if i in target:
-                continue
-            if rule.pattern.search(texts[rule.scope]):
-                target.add(i)
+        user = _clip_for_rules(user_text(messages), limit)
+        added, boosted = self._rules.matches(user, _clip_for_rules(assistant_text(messages), limit))
         n_user = sum(1 for m in messages if m.get("role") == "user")
         if self._multi_turn is not None and n_user >= 2:
             added.add(self._multi_turn)
-        if self._long_input is not None and len(texts["user"]) >= self.config.long_input_chars:
+        if self._long_input is not None and len(user) >= self.config.long_input_chars:
             added.add(self._long_input)
         return added, boosted
 
@@ -281,8 +288,9 @@ class OfflineTagger:
         ranked = sorted(out.values(), key=lambda p: (-p.confidence, p.tag))
         return ranked[: c.max_tags]
 
-    def tag_many(self, conversations: Sequence[Sequence[dict]]) -> list[list[TagPrediction]]:
-        sims = self.similarities(conversations)
+    def tag_many(self, conversations: Sequence[Sequence[dict]],
+                 user_vectors: np.ndarray | None = None) -> list[list[TagPrediction]]:
+        sims = self.similarities(conversations, user_vectors)
         return [self._predict(m, sims[k]) for k, m in enumerate(conversations)]
 
     def tag(self, messages: Sequence[dict]) -> list[TagPrediction]:

@@ -33,12 +33,21 @@ from pipeline.io.runs import StageRun
 
 
 class ShardFn:
-    """A per-shard computation: ``setup`` once per worker (load a model), then ``__call__``."""
+    """A per-shard computation: ``setup`` once per worker (load a model), then ``__call__``.
+
+    A function that also needs a stored result for the same rows (e.g. the embeddings of the
+    samples it annotates, which are sharded and ordered like the samples) names that partition
+    in ``companion``; it is then called as ``fn(table, companion_table)`` with the companion's
+    shard of the same name, checked to hold the same sample ids in the same order.
+    """
+
+    companion: str | None = None
+    companion_columns: list[str] | None = None
 
     def setup(self) -> None:  # noqa: B027 - optional hook
         pass
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def __call__(self, table: pa.Table, companion: pa.Table | None = None) -> pa.Table:
         raise NotImplementedError
 
 
@@ -51,7 +60,14 @@ class _MapShard(beam.DoFn):
 
     def process(self, shard_path: str) -> Iterator[int]:
         table = pq.read_table(shard_path, columns=self.columns)
-        out = self.fn(table)
+        if self.fn.companion is None:
+            out = self.fn(table)
+        else:
+            companion = pq.read_table(Path(self.fn.companion) / Path(shard_path).name, columns=self.fn.companion_columns)
+            if companion.column("sample_id") != table.column("sample_id"):
+                raise RuntimeError(f"{self.fn.companion}/{Path(shard_path).name} does not hold the rows of {shard_path}"
+                                   " in the same order; rebuild it (run its stage with force)")
+            out = self.fn(table, companion)
         write_parquet_atomic(out, Path(self.staging) / Path(shard_path).name, self.schema)
         progress.tick(self, table.num_rows)  # a whole shard at once: the ShardFn sees the table
         yield out.num_rows

@@ -15,6 +15,9 @@ HELP = "tag instructions (InsTag-style) or score them (DEITA-style), offline or 
 PASSES_EXTRA_ARGS = True  # Beam pipeline options of tags/quality pass through
 
 
+TEXT_TIERS = ("fp32", "int8", "static")
+
+
 def _stage_arguments(p: argparse.ArgumentParser) -> None:
     add_catalog_argument(p)
     p.add_argument("--dataset", required=True, help="instruction dataset partition to annotate")
@@ -25,6 +28,9 @@ def _stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="in-process Beam workers (processes)")
     p.add_argument("--force", action="store_true", help="recompute even if inputs and parameters are unchanged")
     p.add_argument("--device", default=None, help="offline embedder device (default: cuda when available, else cpu)")
+    p.add_argument("--tier", choices=TEXT_TIERS, default="fp32",
+                   help="offline: which stored text embeddings to read (made first when missing): fp32 MiniLM, "
+                        "or a cheaper tier of it (see docs/embedding_tiers.md)")
     llm = p.add_argument_group("LLM annotator (--annotator llm)")
     llm.add_argument("--endpoint", help="base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1")
     llm.add_argument("--model", help="model name the endpoint serves")
@@ -47,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     quality = sub.add_parser("quality", help="DEITA-style quality x complexity -> annotations/<offline|llm>_quality/")
     _stage_arguments(quality)
     quality.add_argument("--no-embed", action="store_true",
-                         help="offline: skip the MiniLM on-topic feature (faster, slightly weaker)")
+                         help="offline: score without the on-topic feature (needs no text embeddings)")
     vocab = sub.add_parser("tag-vocab", help="normalise, merge and prune a tag list; report what was done")
     vocab.set_defaults(passes_extra_args=False)  # not a Beam job: no pass-through flags
     vocab.add_argument("--input", required=True, help="text file: one tag per line, or tag<TAB>count")
@@ -87,7 +93,7 @@ def _run_tags(args: argparse.Namespace, beam_args: list[str]) -> int:
         if args.threshold is not None:
             config = replace(config, threshold=args.threshold)
         result = stage.run_tag_annotation(args.catalog, args.dataset, stage.OFFLINE_TAGS, vocabulary=args.vocabulary,
-                                          tagger_config=config, device=args.device, name=args.name,
+                                          tagger_config=config, device=args.device, tier=args.tier, name=args.name,
                                           workers=args.workers, beam_args=beam_args, force=args.force)
     print(stage.stage_summary(result))
     return 0
@@ -102,7 +108,7 @@ def _run_quality(args: argparse.Namespace, beam_args: list[str]) -> int:
                                               beam_args=beam_args, force=args.force)
     else:
         result = stage.run_quality_annotation(args.catalog, args.dataset, stage.OFFLINE_QUALITY,
-                                              use_embeddings=not args.no_embed, device=args.device, name=args.name,
+                                              use_embeddings=not args.no_embed, tier=args.tier, name=args.name,
                                               workers=args.workers, beam_args=beam_args, force=args.force)
     print(stage.stage_summary(result))
     return 0

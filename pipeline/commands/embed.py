@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pipeline.commands import add_catalog_argument
+from pipeline.commands.annotate import TEXT_TIERS
 
 NAME = "embed"
 HELP = "embed a dataset's samples (a Beam job with RunInference; Beam pipeline options such as --runner pass through)"
@@ -30,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     p.add_argument("--max-chars", type=int, default=None,
                    help="instruction: characters of each conversation to embed (default: 4 x model max tokens)")
+    p.add_argument("--tier", choices=TEXT_TIERS, default="fp32",
+                   help="instruction: fp32 (the model as it is), int8 (dynamic int8 ONNX graph of it) or static "
+                        "(distilled static embeddings); see docs/embedding_tiers.md")
     p.add_argument("--seed", type=int, default=0, help="image_text with random weights: init seed")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--workers", type=int, default=1, help="in-process Beam workers (processes)")
@@ -57,7 +61,8 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
 
         result = run_text_embedding(args.catalog, args.dataset, args.model, batch_size=args.batch_size,
                                     workers=args.workers, force=args.force, name=args.name,
-                                    max_chars=args.max_chars, device=args.device, beam_args=beam_args)
+                                    max_chars=args.max_chars, device=args.device, beam_args=beam_args,
+                                    tier=args.tier)
         print(result.summary())
         return 0
     from pipeline.embed.stage import run_clip_embedding

@@ -167,3 +167,9 @@ class TorchTokenEncoder:
                                                     enabled=self.dtype != torch.float32):
             states = self.transformer(**enc).last_hidden_state
         return (states.float().cpu().numpy(), enc["attention_mask"].bool().cpu().numpy(), offsets)
+
+
+def encode_texts(encoder: TokenEncoder, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Whole-text vectors of plain texts (e.g. tag descriptions) from the same encoder."""
+    items = [SpanText(t, {name: (0, 0) for name in SPANS}) for t in texts]
+    return encode_spans(encoder, items, batch_size)["whole"]
