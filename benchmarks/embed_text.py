@@ -1,24 +1,31 @@
-"""Text-embedding throughput: the Beam RunInference job vs a plain batched loop, same model, same texts.
+"""Text-embedding tiers (fp32 torch, int8 ONNX Runtime, static model2vec): speed, cost, agreement.
 
-The input is a multi-domain mix of real conversations from ../shared/data/instructions (maths,
-code, role-play, tool use, NLP tasks; ``--n`` in total), ingested into a scratch catalog. Both
-sides embed exactly the same texts (``conversation_text`` of every sample, in catalog order) with
-the same in-memory all-MiniLM-L6-v2 and the same batch size:
+The input is ``--n`` real conversations from ../shared/data/instructions, a mix of maths, code,
+role-play, tool use, NLP tasks and multi-turn chats, each turned into the text the embed stage
+encodes (``pipeline.embed.spans.conversation_spans``: user turns, then the answer; 1,024 chars at
+most). Every tier (``pipeline.embed.tiers.load_token_encoder``) encodes all of them with
+``encode_spans`` (one pass, pooled over the whole text, the user side and the answer).
 
-* beam: ``run_text_embedding(..., force=True)``: the whole stage (read shards, RunInference with
-  KeyedModelHandler, group per shard, write Parquet, ledger); rows are fed shortest first within
-  each shard, so batches hold similar lengths;
-* loop: ``embed_texts`` on consecutive slices of ``--batch-size`` texts (what one would write
-  by hand), nothing written;
-* sorted: one ``embed_texts`` call over everything, which lets sentence-transformers sort all
-  texts by length before batching (less padding): a stronger reference than a plain loop.
+Each timed pass runs in a fresh process (``--worker``), so that peak RSS (``ru_maxrss``: exact,
+not sampled) is the tier's own: model load plus encoding, nothing left over from another tier.
+Passes alternate between tiers (fp32, int8, static, fp32, ...) so that noise from other work on
+the machine hits them alike; the report gives the median of ``--repeats`` passes. Derived tiers
+are built into the cache (``$THRESHER_CACHE``) before any timing, and the timed processes load
+them by the fp32 digest, as a Beam worker would, without loading the fp32 model.
 
-Runs alternate (beam, loop, sorted, beam, ...) so that machine noise hits all sides alike; the
-report gives medians of ``--repeats`` runs, the ratio beam/loop, and peak RSS per side (sampled
-every 20 ms). The model load is done once, before timing, and excluded from all sides.
+Reported per tier: texts/s, CPU-ms per text (user + system time of all threads), peak RSS,
+effective GFLOP/s and its share of this machine's fp32 GEMM rate (numpy, measured in the same run;
+MiniLM FLOPs per text from its real token count: 2 x non-embedding parameters x tokens, plus
+attention 4 x layers x tokens^2 x hidden), and agreement with fp32: mean and min cosine of the
+whole / user / answer vectors (same-space tiers only: the static tier is 256-d after PCA), kNN
+recall@10 of each pool against fp32's neighbours on the sample, and the Spearman correlation of
+pairwise similarities of the whole vectors.
 
-    python benchmarks/embed_text.py                  # 5,000 conversations, 3 repeats
-    python benchmarks/embed_text.py --n 1000 --repeats 5 --json /tmp/embed_text.json
+    python benchmarks/embed_text.py                      # 1,000 conversations, 3 repeats
+    python benchmarks/embed_text.py --n 300 --repeats 1 --json /tmp/embed_tiers.json
+
+OPENBLAS_CORETYPE (if set) is left as it is: it picks numpy's GEMM kernel, so it can move the
+measured matmul limit.
 """
 
 from __future__ import annotations
@@ -27,14 +34,15 @@ import argparse
 import gzip
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -42,148 +50,279 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SHARED = REPO.parent / "shared" / "data" / "instructions"
-# (file, share of the mix): one format each, so the scratch ingest sees every layout.
+# (file, share of the mix)
 MIX = [
     ("gsm8k_train.jsonl.gz", 0.2),
     ("gpteacher_codegen.json.gz", 0.2),
-    ("gpteacher_roleplay.json.gz", 0.2),
-    ("gpteacher_toolformer.json.gz", 0.2),
+    ("gpteacher_roleplay.json.gz", 0.15),
+    ("gpteacher_toolformer.json.gz", 0.15),
     ("self_instruct_t0_train.jsonl.gz", 0.2),
+    ("sharegpt_dummy_conversations.json.gz", 0.1),
 ]
+POOLS = ("whole", "user", "answer")
 
 
-class PeakRss:
-    """Highest RSS of this process and its children while the block runs (20 ms samples)."""
+def load_conversations(n: int) -> list[dict]:
+    """``n`` conversations (about; the mix is rounded) as ``{"text", "spans"}``, in file order."""
+    from pipeline.embed.spans import conversation_spans
+    from pipeline.io.instruction_formats import normalise
+    from pipeline.io.rejects import RecordRejected
 
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            total = self._proc.memory_info().rss
-            for child in self._proc.children(recursive=True):
-                try:
-                    total += child.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> "PeakRss":
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def build_inputs(folder: Path, n: int) -> Path:
-    """Write the first records of each mixed file (same format, uncompressed) into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
+    out = []
     for name, share in MIX:
         src = SHARED / name
         if not src.is_file():
             raise SystemExit(f"{src} is missing; this benchmark needs ../shared/data (see its README)")
-        k = max(1, round(n * share))
-        out = folder / name[: -len(".gz")]
+        want = max(1, round(n * share))
+        got = 0
         with gzip.open(src, "rt", encoding="utf-8") as fh:
-            if name.endswith(".jsonl.gz"):
-                lines = [line for _, line in zip(range(k), fh)]
-                out.write_text("".join(lines), encoding="utf-8")
-            else:
-                out.write_text(json.dumps(json.load(fh)[:k]), encoding="utf-8")
-    return folder
+            records = (json.loads(line) for line in fh) if name.endswith(".jsonl.gz") else iter(json.load(fh))
+            for record in records:
+                try:
+                    conv = normalise(record)
+                except RecordRejected:
+                    continue
+                item = conversation_spans(conv.messages)
+                if not item.text:
+                    continue
+                out.append({"text": item.text, "spans": item.spans})
+                got += 1
+                if got >= want:
+                    break
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one tier, one timed pass, in its own process
+# --------------------------------------------------------------------------------------------
+
+
+def worker(args: argparse.Namespace) -> None:
+    from pipeline.embed.spans import SpanText, encode_spans
+    from pipeline.embed.tiers import load_token_encoder
+
+    rows = json.loads(Path(args.texts).read_text())
+    items = [SpanText(r["text"], {k: tuple(v) for k, v in r["spans"].items()}) for r in rows]
+    t0 = time.perf_counter()
+    encoder = load_token_encoder(args.worker, threads=args.threads, fp32_digest=args.fp32_digest)
+    load_s = time.perf_counter() - t0
+    encode_spans(encoder, items[: args.batch_size], batch_size=args.batch_size)  # warm-up
+    wall0, cpu0 = time.perf_counter(), os.times()
+    vectors = encode_spans(encoder, items, batch_size=args.batch_size)
+    wall, cpu1 = time.perf_counter() - wall0, os.times()
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    if args.out:
+        np.savez(args.out, **vectors)
+    threads = getattr(encoder, "threads", None)
+    if threads is None and args.worker == "fp32":
+        import torch
+
+        threads = torch.get_num_threads()
+    print(json.dumps({
+        "tier": args.worker, "digest": encoder.digest, "dim": encoder.dim, "load_s": load_s, "wall_s": wall,
+        "cpu_s": cpu, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "threads": threads, "torch_loaded": "torch" in sys.modules,
+    }))
+
+
+def prepare(tier: str) -> None:
+    """Build (or find) the tier in the cache; print the fp32 digest."""
+    from pipeline.embed.handlers import sentence_weights_digest, shared_sentence_model
+    from pipeline.embed.tiers import load_token_encoder
+
+    encoder = load_token_encoder(tier)
+    print(json.dumps({"tier": tier, "fp32_digest": sentence_weights_digest(shared_sentence_model(None, "cpu")),
+                      "digest": encoder.digest}))
+
+
+def run_child(*argv: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"worker {' '.join(argv[:2])} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Machine limit and model cost
+# --------------------------------------------------------------------------------------------
+
+
+def gemm_gflops(repeats: int = 5) -> dict[str, float]:
+    """Best fp32 GEMM rate of numpy here: a square 2048 product and MiniLM's FFN shape."""
+    rng = np.random.default_rng(0)
+    shapes = {"square_2048": (2048, 2048, 2048), "minilm_ffn_8192x384x1536": (8192, 384, 1536)}
+    out = {}
+    for name, (m, k, n) in shapes.items():
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        a @ b  # warm-up
+        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+        out[name] = 2.0 * m * k * n / best / 1e9
+    return out
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def minilm_flops(texts: list[str]) -> tuple[float, dict]:
+    """MiniLM forward FLOPs over ``texts`` from their real token counts (no padding), and the model shape."""
+    from tokenizers import Tokenizer
+
+    from pipeline.embed.sentence import default_model_path
+
+    folder = default_model_path()
+    cfg = json.loads((folder / "config.json").read_text())
+    h, ffn, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    # per layer: Q, K, V, output projections (4 h^2 + 4 h) and the FFN (2 h ffn + ffn + h); layer norms left out
+    params = layers * (4 * h * h + 4 * h + 2 * h * ffn + ffn + h)
+    limit = json.loads((folder / "sentence_bert_config.json").read_text()).get("max_seq_length", 256)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.enable_truncation(max_length=limit)
+    tokens = np.array([len(e.ids) for e in tok.encode_batch(texts)], dtype=np.float64)
+    flops = float((2 * params * tokens + 4 * layers * tokens**2 * h).sum())
+    return flops, {"params_non_embedding": params, "tokens_mean": float(tokens.mean()),
+                   "tokens_max": int(tokens.max()), "truncated_share": float((tokens >= limit).mean())}
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement
+# --------------------------------------------------------------------------------------------
+
+
+def _knn(x: np.ndarray, k: int) -> np.ndarray:
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.argsort(-sims, axis=1)[:, :k]
+
+
+def agreement(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], k: int = 10) -> dict:
+    from scipy.stats import spearmanr
+
+    out: dict = {}
+    for name in POOLS:
+        a, b = ref[name], got[name]
+        ok = ~np.isnan(a[:, 0]) & ~np.isnan(b[:, 0])
+        row: dict = {"rows": int(ok.sum()), "absent_mismatch": int((np.isnan(a[:, 0]) != np.isnan(b[:, 0])).sum())}
+        if a.shape[1] == b.shape[1]:
+            cos = (a[ok] * b[ok]).sum(1)
+            row.update(cos_mean=float(cos.mean()), cos_min=float(cos.min()), cos_p01=float(np.quantile(cos, 0.01)))
+        ra, rb = _knn(a[ok], k), _knn(b[ok], k)
+        row["recall_at_10"] = float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ra, rb)]))
+        if name == "whole":
+            iu = np.triu_indices(int(ok.sum()), 1)
+            step = max(1, len(iu[0]) // 200_000)
+            sa = (a[ok] @ a[ok].T)[iu][::step]
+            sb = (b[ok] @ b[ok].T)[iu][::step]
+            row["pairwise_spearman"] = float(spearmanr(sa, sb).statistic)
+        out[name] = row
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=5000, help="conversations in the mix")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n", type=int, default=1000, help="conversations in the mix")
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per tier (median reported)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--max-chars", type=int, default=None, help="default: 4 x the model's max tokens (1024)")
-    ap.add_argument("--workers", type=int, default=1, help="Beam workers for the beam side")
-    ap.add_argument("--skip-sorted", action="store_true", help="leave out the globally length-sorted reference")
+    ap.add_argument("--tiers", default="fp32,int8,static", help="comma-separated, from pipeline.embed.tiers.TIERS")
+    ap.add_argument("--threads", type=int, default=None, help="int8 intra-op threads and torch threads (default: all cores)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--texts", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--fp32-digest", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.prepare:
+        return prepare(args.prepare)
 
-    import pyarrow.parquet as pq
-    import torch
+    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    if "fp32" not in tiers:
+        tiers.insert(0, "fp32")  # the reference for every ratio and agreement figure
+    scratch = Path(tempfile.mkdtemp(prefix="thresher-bench-embed-tiers-"))
+    rows = load_conversations(args.n)
+    texts = [r["text"] for r in rows]
+    (scratch / "texts.json").write_text(json.dumps(rows))
+    n = len(rows)
+    flops, shape = minilm_flops(texts)
+    gemm = gemm_gflops()
+    limit = max(gemm.values())
+    print(f"{n:,} conversations, mean {np.mean([len(t) for t in texts]):.0f} chars, "
+          f"{shape['tokens_mean']:.0f} MiniLM tokens/text (max {shape['tokens_max']}, "
+          f"{shape['truncated_share']:.1%} at the 256 limit), batch {args.batch_size}, cpus {os.cpu_count()}")
+    print(f"fp32 GEMM (numpy): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gemm.items())
+          + f"; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    print(f"MiniLM cost: {flops / n / 1e9:.3f} GFLOP/text ({shape['params_non_embedding'] / 1e6:.1f} M "
+          "non-embedding parameters)")
 
-    from pipeline.beam.ingest import run_ingest
-    from pipeline.embed.handlers import sentence_weights_digest, shared_sentence_model
-    from pipeline.embed.sentence import embed_texts
-    from pipeline.embed.stage import CHARS_PER_TOKEN, conversation_text, run_text_embedding
-    from pipeline.io.catalog import Catalog
-
-    scratch = Path(tempfile.mkdtemp(prefix="thresher-bench-embed-text-"))
-    inputs = build_inputs(scratch / "inputs", args.n)
-    ing = run_ingest([str(inputs)], scratch / "cat", "bench")
-    cat = Catalog.at(scratch / "cat")
-    model = shared_sentence_model()
-    sentence_weights_digest(model)  # memoised: neither side pays for it
-    max_chars = args.max_chars or CHARS_PER_TOKEN * int(model.max_seq_length)
-    texts: list[str] = []
-    for shard in sorted(cat.samples_partition("instruction", "bench").glob("part-*.parquet")):
-        for messages in pq.read_table(shard, columns=["messages"]).column("messages").to_pylist():
-            texts.append(conversation_text(messages, max_chars))
-    n = len(texts)
-    print(f"{n:,} conversations ({ing.counts['samples']:,} samples after ingest of {ing.counts['rows_in']:,} rows), "
-          f"mean {sum(map(len, texts)) / n:.0f} chars of text, max_chars {max_chars}, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
-    embed_texts(model, texts[: args.batch_size], batch_size=args.batch_size)  # warm-up (allocator, kernels)
-
-    def beam_run() -> float:
+    fp32_digest = None
+    for tier in tiers:  # builds happen here, outside any timing
         t0 = time.perf_counter()
-        res = run_text_embedding(cat.root, "bench", batch_size=args.batch_size, max_chars=max_chars,
-                                 workers=args.workers, force=True)
-        elapsed = time.perf_counter() - t0
-        assert res.rows == n, (res.rows, n)
-        return elapsed
+        info = run_child("--prepare", tier)
+        fp32_digest = info["fp32_digest"]
+        print(f"  {tier:<6} ready in {time.perf_counter() - t0:5.1f}s  digest {info['digest'][:16]}")
 
-    def loop_run() -> float:
-        t0 = time.perf_counter()
-        for start in range(0, n, args.batch_size):
-            embed_texts(model, texts[start : start + args.batch_size], batch_size=args.batch_size)
-        return time.perf_counter() - t0
-
-    def sorted_run() -> float:
-        t0 = time.perf_counter()
-        embed_texts(model, texts, batch_size=args.batch_size)
-        return time.perf_counter() - t0
-
-    sides = {"beam": beam_run, "loop": loop_run}
-    if not args.skip_sorted:
-        sides["sorted"] = sorted_run
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    peaks: dict[str, int] = {k: 0 for k in sides}
+    common = ["--texts", str(scratch / "texts.json"), "--batch-size", str(args.batch_size), "--fp32-digest", fp32_digest]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    runs: dict[str, list[dict]] = {t: [] for t in tiers}
     for rep in range(args.repeats):
-        for name, fn in sides.items():
-            with PeakRss() as mem:
-                seconds = fn()
-            times[name].append(seconds)
-            peaks[name] = max(peaks[name], mem.peak)
-            print(f"  repeat {rep + 1}: {name:<6} {seconds:8.2f}s  {n / seconds:8.1f} conv/s  "
-                  f"peak RSS {mem.peak / 2**20:,.0f} MiB", flush=True)
+        for tier in tiers:
+            extra = ["--out", str(scratch / f"{tier}.npz")] if rep == 0 else []
+            res = run_child("--worker", tier, *common, *extra)
+            runs[tier].append(res)
+            print(f"  pass {rep + 1}: {tier:<6} {res['wall_s']:7.2f}s  {n / res['wall_s']:8.1f} texts/s  "
+                  f"cpu {res['cpu_s']:7.2f}s  peak RSS {res['peak_rss'] / 2**20:6.0f} MiB  load {res['load_s']:.2f}s",
+                  flush=True)
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    rate = {k: n / v for k, v in med.items()}
-    print(f"\nmedian of {args.repeats} ({n:,} conversations, batch {args.batch_size}):")
-    for name in sides:
-        print(f"  {name:<6} {rate[name]:8.1f} conv/s   ({med[name]:.2f}s)   peak RSS {peaks[name] / 2**20:,.0f} MiB")
-    ratio = rate["beam"] / rate["loop"]
-    print(f"  ratio beam/loop   = {ratio:.3f}  (target >= 0.8)")
-    if "sorted" in rate:
-        print(f"  ratio beam/sorted = {rate['beam'] / rate['sorted']:.3f}  (reference: global length sort)")
+    ref = dict(np.load(scratch / "fp32.npz"))
+    report: dict = {"n": n, "batch_size": args.batch_size, "repeats": args.repeats, "gemm_gflops": gemm,
+                    "minilm": shape, "minilm_gflop_per_text": flops / n / 1e9, "cpus": os.cpu_count(),
+                    "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "tiers": {}}
+    for tier in tiers:
+        wall = statistics.median(r["wall_s"] for r in runs[tier])
+        cpu = statistics.median(r["cpu_s"] for r in runs[tier])
+        entry = {
+            "texts_per_s": n / wall, "wall_s": [r["wall_s"] for r in runs[tier]], "cpu_ms_per_text": 1e3 * cpu / n,
+            "peak_rss_mib": max(r["peak_rss"] for r in runs[tier]) / 2**20, "load_s": statistics.median(r["load_s"] for r in runs[tier]),
+            "threads": runs[tier][0]["threads"], "dim": runs[tier][0]["dim"], "digest": runs[tier][0]["digest"],
+            "torch_loaded": runs[tier][0]["torch_loaded"],
+        }
+        if tier != "static":
+            entry["gflops"] = flops / wall / 1e9
+            entry["pct_of_gemm"] = 100 * entry["gflops"] / limit
+        entry["agreement"] = agreement(ref, dict(np.load(scratch / f"{tier}.npz")))
+        report["tiers"][tier] = entry
+
+    base = report["tiers"]["fp32"]
+    print(f"\nmedian of {args.repeats} passes, {n:,} conversations (this machine: {os.cpu_count()} cpus; "
+          f"fp32 GEMM limit {limit:.1f} GFLOP/s)")
+    print(f"{'tier':<7}{'texts/s':>9}{'x fp32':>8}{'CPU ms/text':>13}{'x fp32':>8}{'peak RSS':>10}"
+          f"{'GFLOP/s':>9}{'% GEMM':>8}   {'whole cos mean/min':>19}{'user':>15}{'answer':>15}   R@10 whole/user/answer  rho")
+    for tier, e in report["tiers"].items():
+        ag = e["agreement"]
+        cos = [f"{ag[p]['cos_mean']:.4f}/{ag[p]['cos_min']:.3f}" if "cos_mean" in ag[p] else "n/a (other space)"
+               for p in POOLS]
+        gf = f"{e['gflops']:9.1f}{e['pct_of_gemm']:7.0f}%" if "gflops" in e else f"{'-':>9}{'-':>8}"
+        print(f"{tier:<7}{e['texts_per_s']:9.1f}{e['texts_per_s'] / base['texts_per_s']:7.2f}x"
+              f"{e['cpu_ms_per_text']:13.2f}{e['cpu_ms_per_text'] / base['cpu_ms_per_text']:7.3f}x"
+              f"{e['peak_rss_mib']:7.0f} MiB{gf}   {cos[0]:>19}{cos[1]:>15}{cos[2]:>15}   "
+              f"{ag['whole']['recall_at_10']:.3f}/{ag['user']['recall_at_10']:.3f}/{ag['answer']['recall_at_10']:.3f}"
+              f"      {ag['whole']['pairwise_spearman']:.3f}")
+    print("(x fp32: texts/s ratio, higher is faster; CPU ms ratio, lower is cheaper. % GEMM: MiniLM FLOPs "
+          "per second over numpy's fp32 GEMM rate; int8 kernels are not bound by it.)")
     if args.json:
-        args.json.write_text(json.dumps({
-            "n": n, "batch_size": args.batch_size, "max_chars": max_chars, "repeats": args.repeats,
-            "times_s": times, "median_s": med, "conv_per_s": rate, "peak_rss_bytes": peaks,
-            "ratio_beam_loop": ratio, "torch_threads": torch.get_num_threads(),
-        }, indent=2))
+        args.json.write_text(json.dumps(report, indent=2))
     import shutil
 
     shutil.rmtree(scratch, ignore_errors=True)

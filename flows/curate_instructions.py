@@ -1,4 +1,7 @@
-"""``curate_instructions``: ingest -> tags + quality -> embed -> index + near-dups -> MIG -> curate -> export.
+"""``curate_instructions``: ingest -> embed -> tags + quality -> index + near-dups -> MIG -> curate -> export.
+
+The text embedding stage is the one encoder pass over the conversations: the tagger, the
+quality scorer, the index and MIG's pool all read what it stored.
 
 Each stage is a Prefect task (retried) around one library call; each library call is a Beam job
 or a global step that skips itself when its inputs and parameters are unchanged, so re-running
@@ -77,9 +80,9 @@ def curate_instructions(spec: IngestSpec, catalog: str, budget: int, name: str |
     """Curate one instruction dataset end to end; returns every stage's summary."""
     name = name or f"{spec.dataset}_mig{budget}"
     out: dict[str, Any] = {"ingest": ingest_task(spec, catalog, workers, None, force)}
+    out["embed"] = embed_task(catalog, spec.dataset, workers, force)
     out["tags"] = tags_task(catalog, spec.dataset, workers, force)
     out["quality"] = quality_task(catalog, spec.dataset, workers, force)
-    out["embed"] = embed_task(catalog, spec.dataset, workers, force)
     model = out["embed"]["model"]
     out["index"] = index_task(catalog, spec.dataset, model, near_dup_threshold, force)
     picks = str(Path(catalog) / "selections" / f"{name}.picks.parquet")
