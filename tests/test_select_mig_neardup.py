@@ -140,12 +140,6 @@ def test_without_an_annotation_a_note_says_how_to_make_one(catalog, capsys):
     assert rc == 2 and "no near_dup_" in out and "thresher index" in out
 
 
-def test_default_embeddings_name_matches_the_embed_stage():
-    from pipeline.embed.stage import DEFAULT_TEXT_MODEL_NAME
-
-    assert mig_pool.DEFAULT_EMBEDDINGS == DEFAULT_TEXT_MODEL_NAME
-
-
 def test_auto_with_several_annotations(catalog, tmp_path):
     import shutil
 
@@ -153,7 +147,7 @@ def test_auto_with_several_annotations(catalog, tmp_path):
     shutil.copytree(catalog["cat"], cat)
     ann = cat / "annotations"
     shutil.copytree(ann / near_dup_annotator(catalog["model"]), ann / "near_dup_other-model")
-    if catalog["model"] == mig_pool.DEFAULT_EMBEDDINGS:
+    if catalog["model"] == mig_pool.DEFAULT_TEXT_MODEL_NAME:
         assert mig_pool.resolve_near_duplicates(cat, "pool") == (near_dup_annotator(catalog["model"]), None)
     shutil.copytree(ann / near_dup_annotator(catalog["model"]), ann / "near_dup_third")
     shutil.rmtree(ann / near_dup_annotator(catalog["model"]))

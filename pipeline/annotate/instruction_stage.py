@@ -56,21 +56,21 @@ class OfflineTagFn(ShardFn):
 
     companion_columns = ["sample_id", "user_embedding"]
 
-    def __init__(self, annotator: str, vocabulary_path: str | None, config: TaggerConfig, embeddings: str,
-                 embed_model: str | None = None, device: str | None = None, tier: str = "fp32"):
+    def __init__(self, annotator: str, vocabulary_path: str | None, config: TaggerConfig, catalog: str,
+                 embeddings: str, embed_model: str | None = None, device: str | None = None, tier: str = "fp32"):
         self.annotator, self.vocabulary_path, self.config = annotator, vocabulary_path, config
-        self.companion = embeddings
+        self.catalog, self.companion = catalog, embeddings
         self.embed_model, self.device, self.tier = embed_model, device, tier
         self._tagger: OfflineTagger | None = None
 
     def setup(self) -> None:
         if self._tagger is None:
-            from pipeline.embed.handlers import load_token_encoder
-            from pipeline.embed.spans import encode_texts
+            from pipeline.embed.text_cache import text_vectors
 
-            encoder = load_token_encoder(self.embed_model, self.device, self.tier)
-            self._tagger = OfflineTagger(load_tag_vocabulary(self.vocabulary_path),
-                                         lambda texts: encode_texts(encoder, texts), self.config)
+            def embed(texts: list[str]) -> np.ndarray:  # the catalog's cache: a model loads only on a miss
+                return text_vectors(self.catalog, texts, self.embed_model, self.tier, self.device)
+
+            self._tagger = OfflineTagger(load_tag_vocabulary(self.vocabulary_path), embed, self.config)
 
     def __call__(self, table: pa.Table, companion: pa.Table | None = None) -> pa.Table:
         self.setup()
@@ -217,8 +217,8 @@ def run_tag_annotation(
         config = tagger_config or TaggerConfig()
         vocab = load_tag_vocabulary(vocabulary)  # fail early, in the driver, on a bad file
         emb, emb_fp = _stored_embeddings(cat, dataset, embed_model, tier, workers, beam_args)
-        fn: ShardFn = OfflineTagFn(out_name, str(vocabulary) if vocabulary else None, config, str(emb),
-                                   embed_model, device, tier)
+        fn: ShardFn = OfflineTagFn(out_name, str(vocabulary) if vocabulary else None, config, str(cat.root),
+                                   str(emb), embed_model, device, tier)
         schema = schemas.TAG_ANNOTATIONS
         params: dict[str, Any] = {"annotator": annotator, "tagger_version": TAGGER_VERSION,
                                   "vocabulary_digest": vocab.digest, "config": config.to_dict(),

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 import schemas
 from pipeline.curate import annotations
+from pipeline.embed.sentence import DEFAULT_TEXT_MODEL_NAME
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 from pipeline.select import label_graph as lg
 from pipeline.select import mig
@@ -33,6 +34,7 @@ class Pool:
     index: np.ndarray  # what OUT's `index` column reports (line number or row position)
     source: str
     notes: dict[str, Any] = field(default_factory=dict)
+    catalog: Path | None = None  # the catalog a pool was drawn from (its label-vector cache)
 
 
 def pool_from_xsample(path: str | Path) -> Pool:
@@ -58,9 +60,6 @@ def pool_from_xsample(path: str | Path) -> Pool:
 
 NEAR_DUP_PREFIX = "near_dup_"  # pipeline.index.stage.near_dup_annotator(model) names them so
 NEAR_DUP_THRESHOLD = 0.95  # the curate_instructions flow's default cosine
-# pipeline.embed.stage.DEFAULT_TEXT_MODEL_NAME (the folder `thresher embed` writes by default), kept
-# here so that choosing a pool does not import Beam; a test checks that the two agree.
-DEFAULT_EMBEDDINGS = "all-MiniLM-L6-v2"
 
 
 def near_dup_annotations(catalog: str | Path | Catalog, dataset: str) -> list[str]:
@@ -76,7 +75,7 @@ def near_dup_annotations(catalog: str | Path | Catalog, dataset: str) -> list[st
 def _how_to_mark(cat: Catalog, dataset: str) -> str:
     emb = cat.root / "embeddings"
     models = sorted(p.name for p in emb.glob("*") if (p / f"dataset={dataset}").is_dir()) if emb.is_dir() else []
-    index = (f"thresher index --catalog {cat.root} --dataset {dataset} --model {models[0] if models else DEFAULT_EMBEDDINGS} "
+    index = (f"thresher index --catalog {cat.root} --dataset {dataset} --model {models[0] if models else DEFAULT_TEXT_MODEL_NAME} "
              f"--near-dup {NEAR_DUP_THRESHOLD}")
     if models:
         return f"`{index}`"
@@ -108,7 +107,7 @@ def resolve_near_duplicates(catalog: str | Path | Catalog, dataset: str,
     if not have:
         return None, (f"note: dataset {dataset!r} has no near-duplicate annotation, so near-copies can be picked; "
                       f"make one with {_how_to_mark(cat, dataset)}")
-    default = NEAR_DUP_PREFIX + DEFAULT_EMBEDDINGS
+    default = NEAR_DUP_PREFIX + DEFAULT_TEXT_MODEL_NAME
     if default in have:
         return default, None
     raise ValueError(f"dataset {dataset!r} has several near-duplicate annotations ({', '.join(have)}); "
@@ -152,7 +151,7 @@ def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", qua
              "near_duplicates_excluded": dropped, "near_duplicates_from": near_from}
     if near_note:
         notes["near_duplicates_note"] = near_note
-    return Pool(ids, labels, scores, np.arange(len(ids)), f"{cat.root}#{dataset}", notes)
+    return Pool(ids, labels, scores, np.arange(len(ids)), f"{cat.root}#{dataset}", notes, cat.root)
 
 
 @dataclass
@@ -185,9 +184,17 @@ class MIGReport:
 
 
 def build_graph(vocabulary: tuple[str, ...], config: mig.MIGConfig, edges: str | Path | None,
-                embed: Callable[[list[str]], np.ndarray] | None = None) -> lg.LabelGraph:
+                embed: Callable[[list[str]], np.ndarray] | None = None,
+                catalog: Path | None = None) -> lg.LabelGraph:
+    """The label graph: from an edge list, else from label vectors (``embed``; by default the
+    bundled MiniLM, through ``catalog``'s text-vector cache when there is one, so a re-run loads
+    no model)."""
     if edges is not None:
         return lg.label_graph_from_edge_parquet(vocabulary, edges)
+    if embed is None and catalog is not None:
+        from pipeline.embed.text_cache import text_vectors
+
+        embed = lambda texts: text_vectors(catalog, texts)  # noqa: E731
     if embed is None:
         from pipeline.embed.sentence import embed_texts, load_sentence_embedder
 
@@ -202,7 +209,7 @@ def select(pool: Pool, budget: int, config: mig.MIGConfig = mig.MIGConfig(), edg
     vocabulary = mig.pool_vocabulary(pool.labels)
     if not vocabulary:
         raise ValueError(f"no sample of {pool.source} has any label; MIG needs tags")
-    graph = build_graph(vocabulary, config, edges, embed)
+    graph = build_graph(vocabulary, config, edges, embed, pool.catalog)
     label_ids = mig.encode_labels(pool.labels, graph.labels).label_ids
     result = mig.mig_select(label_ids, pool.scores, graph.W, budget, config)
     picks = result.picks

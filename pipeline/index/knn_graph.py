@@ -28,7 +28,6 @@ from pipeline.index.faiss_index import (
     IndexSpec,
     VectorInput,
     build_index,
-    drop_self,
     open_source,
 )
 
