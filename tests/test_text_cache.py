@@ -1,0 +1,27 @@
+"""The catalog's text-vector cache: encode a text once per model, load no model on a hit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.embed import tiers
+from pipeline.embed.handlers import shared_sentence_model
+from pipeline.embed.sentence import embed_texts
+from pipeline.embed.text_cache import cache_path, text_vectors
+
+
+def test_vectors_match_the_model_and_a_hit_loads_nothing(tmp_path, monkeypatch):
+    texts = ["python programming: writing Python code", "arithmetic", "python programming: writing Python code"]
+    first = text_vectors(tmp_path, texts)
+    want = embed_texts(shared_sentence_model(), texts)
+    np.testing.assert_allclose(first, want, atol=1e-5)
+    assert cache_path(tmp_path).is_file() and cache_path(tmp_path).parent.name == "all-MiniLM-L6-v2"
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a cached text must not load a model")
+
+    monkeypatch.setattr(tiers, "load_token_encoder", no_model)
+    np.testing.assert_allclose(text_vectors(tmp_path, texts[::-1]), first[::-1], atol=0)
+    with pytest.raises(AssertionError, match="must not load"):
+        text_vectors(tmp_path, ["a text never seen"])
