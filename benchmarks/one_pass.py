@@ -69,13 +69,14 @@ def main() -> None:
 
     from pipeline.annotate.quality import OfflineQualityScorer, _clip_for_embedding, conversation_rounds, on_topic_from_spans
     from pipeline.annotate.tags import OfflineTagger, TaggerConfig, head_and_tail, user_text
-    from pipeline.embed.handlers import load_token_encoder, shared_sentence_model
+    from pipeline.embed.handlers import shared_sentence_model
+    from pipeline.embed.tiers import load_token_encoder
     from pipeline.embed.sentence import embed_texts
     from pipeline.embed.spans import conversation_spans, encode_spans, encode_texts
 
     convs = load(args.n, args.seed)
     model = shared_sentence_model(None, "cpu")
-    encoder = load_token_encoder(None, "cpu")
+    encoder = load_token_encoder("fp32", None, "cpu")
     embed = lambda texts: embed_texts(model, texts)  # noqa: E731
     tok = model.tokenizer
 

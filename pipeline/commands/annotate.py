@@ -9,13 +9,11 @@ import sys
 from pathlib import Path
 
 from pipeline.commands import add_catalog_argument
+from pipeline.embed.tiers import TIERS
 
 NAME = "annotate"
 HELP = "tag instructions (InsTag-style) or score them (DEITA-style), offline or via an LLM endpoint"
 PASSES_EXTRA_ARGS = True  # Beam pipeline options of tags/quality pass through
-
-
-TEXT_TIERS = ("fp32", "int8", "static")
 
 
 def _stage_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +26,7 @@ def _stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="in-process Beam workers (processes)")
     p.add_argument("--force", action="store_true", help="recompute even if inputs and parameters are unchanged")
     p.add_argument("--device", default=None, help="offline embedder device (default: cuda when available, else cpu)")
-    p.add_argument("--tier", choices=TEXT_TIERS, default="fp32",
+    p.add_argument("--tier", choices=TIERS, default="fp32",
                    help="offline: which stored text embeddings to read (made first when missing): fp32 MiniLM, "
                         "or a cheaper tier of it (see docs/embedding_tiers.md)")
     llm = p.add_argument_group("LLM annotator (--annotator llm)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from pipeline.commands import add_catalog_argument
-from pipeline.commands.annotate import TEXT_TIERS
+from pipeline.embed.tiers import TIERS
 
 NAME = "embed"
 HELP = "embed a dataset's samples (a Beam job with RunInference; Beam pipeline options such as --runner pass through)"
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     p.add_argument("--max-chars", type=int, default=None,
                    help="instruction: characters of each conversation to embed (default: 4 x model max tokens)")
-    p.add_argument("--tier", choices=TEXT_TIERS, default="fp32",
+    p.add_argument("--tier", choices=TIERS, default="fp32",
                    help="instruction: fp32 (the model as it is), int8 (dynamic int8 ONNX graph of it) or static "
                         "(distilled static embeddings); see docs/embedding_tiers.md")
     p.add_argument("--seed", type=int, default=0, help="image_text with random weights: init seed")

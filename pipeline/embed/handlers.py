@@ -85,22 +85,6 @@ def sentence_weights_digest(model: Any) -> str:
     return digest
 
 
-def load_token_encoder(model_ref: str | None, device: str | None, tier: str = "fp32") -> Any:
-    """The span-poolable encoder of a text model (:mod:`pipeline.embed.spans`), once per process."""
-    if tier == "fp32":
-        from pipeline.embed.spans import TorchTokenEncoder
-
-        model = shared_sentence_model(model_ref, device)
-        encoder = getattr(model, "_thresher_token_encoder", None)
-        if encoder is None:
-            encoder = model._thresher_token_encoder = TorchTokenEncoder(model)
-        encoder.digest = sentence_weights_digest(model)
-        return encoder
-    from pipeline.embed.tiers import load_token_encoder as load_tier
-
-    return load_tier(tier, model_ref, device)
-
-
 class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
     """:class:`pipeline.embed.spans.SpanText` -> a (3, dim) array: whole, user and answer vectors.
 
@@ -126,7 +110,9 @@ class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
         self.expected_digest = expected_digest
 
     def load_model(self) -> Any:
-        encoder = load_token_encoder(self.model_ref, self.device, self.tier)
+        from pipeline.embed.tiers import load_token_encoder
+
+        encoder = load_token_encoder(self.tier, self.model_ref, self.device)
         _check_digest(encoder.digest, self.expected_digest, f"text model {self.model_ref} ({self.tier})")
         return encoder
 

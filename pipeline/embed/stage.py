@@ -39,7 +39,6 @@ from pipeline.embed.handlers import (
     ClipTextEmbeddingHandler,
     SpanEmbeddingHandler,
     keyed,
-    load_token_encoder,
 )
 from pipeline.embed.sentence import text_model_key
 from pipeline.embed.spans import conversation_spans
@@ -311,7 +310,9 @@ def run_text_embedding(
                   "max_chars": max_chars, "normalized": True, "recipe": TEXT_RECIPE_VERSION}
 
     def expand(shard_paths: beam.PCollection, staging: Path) -> Any:
-        encoder = load_token_encoder(model_ref, device, tier)
+        from pipeline.embed.tiers import load_token_encoder
+
+        encoder = load_token_encoder(tier, model_ref, device)
         chars = max_chars or CHARS_PER_TOKEN * encoder.max_tokens
         schema = embedding_schema_with_meta(encoder.dim, {
             META_MODEL: model_key, META_DIGEST: encoder.digest, META_NORMALIZED: "true", META_DIM: str(encoder.dim),
