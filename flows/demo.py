@@ -38,15 +38,15 @@ DEMO_CABS = {"superbatch": 60, "filter_ratio": 0.8, "steps": 5}
 
 @flow(name="thresher-demo", log_prints=True)
 def demo_flow(catalog: str, workers: int = 1, force: bool = False) -> dict[str, Any]:
-    from pipeline.embed.clip import TINY_MODEL, register_tiny_config
+    from pipeline.embed.clip import TINY_MODEL
 
     specs = {s.dataset: s for s in demo_specs()}
     out: dict[str, Any] = {"ingest": ingest_flow(list(specs.values()), catalog, workers=workers, force=force)}
     out["instructions"] = curate_instructions(specs["demo_instructions"], catalog, DEMO_MIG_BUDGET,
                                               name="demo_mig", workers=workers, force=force)
     if "demo_nlvr" in specs:
-        # No CLIP weights ship: the demo uses a tiny random-init open_clip model for the plumbing.
-        register_tiny_config()
+        # No CLIP weights ship: the demo uses a tiny random-init open_clip model for the plumbing
+        # (registered with open_clip where it is loaded, so an unchanged run never imports it).
         out["image_text"] = curate_image_text(specs["demo_nlvr"], catalog, model_name=TINY_MODEL,
                                               workers=workers, force=force, **DEMO_CABS)
     return out

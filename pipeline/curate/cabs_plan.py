@@ -1,6 +1,6 @@
 """CABS batch plans over a catalog dataset: which samples each training step keeps, and why.
 
-The algorithm and its sampler live in ``pipeline.select.cabs`` / ``cabs_sampler`` (pure); this
+The algorithm and its sampler live in ``pipeline.select.cabs`` / ``cabs_schedule`` (pure); this
 module gathers the concept lists of a dataset (instances repeated by count), plans S steps, writes
 ``(step, position, sample_id, gain)`` and reports batch statistics against IID batches.
 """
@@ -19,7 +19,7 @@ import schemas
 from pipeline.curate import annotations
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 from pipeline.select import batch_metrics
-from pipeline.select.cabs_sampler import as_concept_table, iter_plan
+from pipeline.select.cabs_schedule import as_concept_table, iter_plan
 
 
 @dataclass

@@ -29,17 +29,10 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.ml.inference.base import RunInference
 
 import schemas
 from pipeline.beam import progress
 from pipeline.beam.stage import StageResult, input_shards, run_stage
-from pipeline.embed.handlers import (
-    ClipImageEmbeddingHandler,
-    ClipTextEmbeddingHandler,
-    SpanEmbeddingHandler,
-    keyed,
-)
 from pipeline.embed.sentence import text_model_key
 from pipeline.embed.spans import conversation_spans
 from pipeline.io.catalog import Catalog, write_parquet_atomic
@@ -310,6 +303,9 @@ def run_text_embedding(
                   "max_chars": max_chars, "normalized": True, "recipe": TEXT_RECIPE_VERSION}
 
     def expand(shard_paths: beam.PCollection, staging: Path) -> Any:
+        from apache_beam.ml.inference.base import RunInference  # imports torch: only when the stage runs
+
+        from pipeline.embed.handlers import SpanEmbeddingHandler, keyed
         from pipeline.embed.tiers import load_token_encoder
 
         encoder = load_token_encoder(tier, model_ref, device)
@@ -376,30 +372,47 @@ def run_clip_embedding(
     source = cat.samples_partition("image_text", dataset)
     input_shards(source)
     pretrained_ref = None if pretrained is None else os.fspath(pretrained)
-    clip = shared_clip(model_name, pretrained_ref, device, seed=seed, cache_dir=cache_dir)
-    digest = clip.weights_digest
-    dim = clip.embed_dim
-    key = name or clip_key(model_name, pretrained_ref, seed=seed, digest=digest)
+    checkpoint = pretrained_ref is not None and Path(pretrained_ref).expanduser().is_file()
+
+    def load() -> Any:
+        return shared_clip(model_name, pretrained_ref, device, seed=seed, cache_dir=cache_dir)
+
+    # A checkpoint file names its folder by its weights digest, so it must be loaded to name it;
+    # random weights and pretrained tags are named, and skipped, without loading anything.
+    key = name or clip_key(model_name, pretrained_ref, seed=seed,
+                           digest=load().weights_digest if checkpoint else None)
     outputs = {
         "image": cat.embedding_partition(f"{key}-image", dataset),
         "text": cat.embedding_partition(f"{key}-text", dataset),
         "score": cat.annotation_partition(score_annotator, dataset),
     }
-    common = {META_DIGEST: digest, META_NORMALIZED: "true", META_DIM: str(dim), "model_source": clip.source,
-              "open_clip_model": model_name, "seed": str(seed)}
-    part_schemas = {
-        "image": embedding_schema_with_meta(dim, {**common, META_MODEL: f"{key}-image", "tower": "image"}),
-        "text": embedding_schema_with_meta(dim, {**common, META_MODEL: f"{key}-text", "tower": "text"}),
-        "score": CLIP_SCORE_SCHEMA.with_metadata({**{k.decode(): v.decode() for k, v in CLIP_SCORE_SCHEMA.metadata.items()},
-                                                  **common, META_MODEL: key}),
-    }
-    handler_args = dict(device=device, seed=seed, batch_size=batch_size, expected_digest=digest, cache_dir=cache_dir)
-    image_handler = ClipImageEmbeddingHandler(model_name, pretrained_ref, **handler_args)
-    text_handler = ClipTextEmbeddingHandler(model_name, pretrained_ref, **handler_args)
-    parameters = {"model": key, "open_clip_model": model_name, "weights_digest": digest, "normalized": True,
+    weights_file = None
+    if checkpoint:
+        st = Path(pretrained_ref).expanduser().stat()
+        weights_file = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    parameters = {"model": key, "open_clip_model": model_name, "pretrained": pretrained_ref, "seed": seed,
+                  "weights_file": weights_file, "normalized": True,
                   "outputs": {k: v.relative_to(cat.root).as_posix() for k, v in outputs.items()}}
 
     def expand(shard_paths: beam.PCollection, staging: dict[str, Path]) -> Any:
+        from apache_beam.ml.inference.base import RunInference  # imports torch: only when the stage runs
+
+        from pipeline.embed.handlers import ClipImageEmbeddingHandler, ClipTextEmbeddingHandler, keyed
+
+        clip = load()
+        digest, dim = clip.weights_digest, clip.embed_dim
+        common = {META_DIGEST: digest, META_NORMALIZED: "true", META_DIM: str(dim), "model_source": clip.source,
+                  "open_clip_model": model_name, "seed": str(seed)}
+        score_meta = {k.decode(): v.decode() for k, v in CLIP_SCORE_SCHEMA.metadata.items()}
+        part_schemas = {
+            "image": embedding_schema_with_meta(dim, {**common, META_MODEL: f"{key}-image", "tower": "image"}),
+            "text": embedding_schema_with_meta(dim, {**common, META_MODEL: f"{key}-text", "tower": "text"}),
+            "score": CLIP_SCORE_SCHEMA.with_metadata({**score_meta, **common, META_MODEL: key}),
+        }
+        handler_args = dict(device=device, seed=seed, batch_size=batch_size, expected_digest=digest,
+                            cache_dir=cache_dir)
+        image_handler = ClipImageEmbeddingHandler(model_name, pretrained_ref, **handler_args)
+        text_handler = ClipTextEmbeddingHandler(model_name, pretrained_ref, **handler_args)
         rows = (shard_paths
                 | "Spread" >> beam.Reshuffle()
                 | "ReadRows" >> beam.ParDo(ReadImageTextRows()).with_outputs("images", "captions", _MARKER))
@@ -417,6 +430,8 @@ def run_clip_embedding(
     # The three partitions are one output set: committed together, skipped together.
     res = run_stage(cat.root, "embed_clip", dataset, source, outputs, expand, parameters,
                     workers=workers, beam_args=beam_args, force=force)
+    meta = read_embedding_metadata(outputs["image"])
+    dim, digest = int(meta[META_DIM]), meta[META_DIGEST]
     image_result = _result_from_stage(res, f"{key}-image", dim, digest, outputs["image"])
     text_result = _result_from_stage(res, f"{key}-text", dim, digest, outputs["text"])
     return ClipEmbeddingResult(dataset, image_result, text_result, str(outputs["score"]),
