@@ -227,3 +227,17 @@ def test_a_side_without_tokens_is_nan(text_catalog):
     answer = np.asarray(table.column("answer_embedding").to_pylist(), dtype=np.float32)
     user = np.asarray(table.column("user_embedding").to_pylist(), dtype=np.float32)
     assert np.isnan(answer).all() and np.isfinite(user).all()
+
+
+def test_batch_size_and_threads_follow_the_device_and_the_workers(monkeypatch):
+    from pipeline.embed.sentence import pick_batch_size, worker_threads
+
+    assert pick_batch_size(None, "cpu") == 64 and pick_batch_size(8, "cuda") == 8
+    # On a GPU, half of the free memory over ~8 MiB per text, within [16, 1024].
+    assert pick_batch_size(None, "cuda:0", free_bytes=4 << 30) == 256
+    assert pick_batch_size(None, "cuda", free_bytes=64 << 20) == 16
+    assert pick_batch_size(None, "cuda", free_bytes=140 << 30) == 1024
+    with pytest.raises(ValueError):
+        pick_batch_size(0, "cpu")
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert worker_threads(1) == 16 and worker_threads(4) == 4 and worker_threads(32) == 1

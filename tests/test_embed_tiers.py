@@ -215,7 +215,7 @@ def test_second_load_reuses_the_cache(cache) -> None:
     assert tiers.load_token_encoder("int8") is again["int8"]  # once per process
     for p in folders:
         manifest = json.loads((p / tiers.MANIFEST).read_text())
-        assert manifest["digest"] == tiers.folder_digest(p)
+        assert manifest["digest"] == tiers.folder_digest(p, tiers._salt(manifest["build"], manifest["max_tokens"]))
         assert manifest["fp32_digest"] == cache["encoders"]["fp32"].digest
 
 
@@ -311,5 +311,6 @@ def test_two_processes_building_at_once_leave_one_valid_build(tmp_path: Path) ->
     np.testing.assert_allclose(results[0]["first"], results[1]["first"], atol=1e-4)
     built = [p for p in (tmp_path / "embed_tiers").iterdir() if p.is_dir()]
     assert len(built) == 1 and (built[0] / tiers.MANIFEST).is_file()
-    assert json.loads((built[0] / tiers.MANIFEST).read_text())["digest"] == tiers.folder_digest(built[0])
+    manifest = json.loads((built[0] / tiers.MANIFEST).read_text())
+    assert manifest["digest"] == tiers.folder_digest(built[0], tiers._salt(tiers.INT8_BUILD, 256))
     assert not [p for p in tmp_path.rglob("*.tmp")]

@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image_text: a pretrained tag already in the local cache (e.g. laion2b_s34b_b79k) "
                         "or a local checkpoint file; omitted = seeded random weights")
     p.add_argument("--name", default=None, help="embeddings folder name (default: derived from model/weights)")
-    p.add_argument("--batch-size", type=int, default=64, help="inference batch size")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="inference batch size (default: 64 on a CPU; text on a GPU: what half its free memory holds)")
     p.add_argument("--max-chars", type=int, default=None,
                    help="instruction: characters of each conversation to embed (default: 4 x model max tokens)")
     p.add_argument("--tier", choices=TIERS, default="fp32",
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         print(f"thresher embed: warning: no --pretrained given, so {model} runs with random weights "
               f"(seed {args.seed}); the vectors only exercise the plumbing. Pass a cached tag or a "
               "checkpoint file for meaningful embeddings.", file=sys.stderr)
-    result = run_clip_embedding(args.catalog, args.dataset, model, args.pretrained, batch_size=args.batch_size,
+    result = run_clip_embedding(args.catalog, args.dataset, model, args.pretrained, batch_size=args.batch_size or 64,
                                 workers=args.workers, force=args.force, name=args.name, seed=args.seed,
                                 device=args.device, beam_args=beam_args)
     print(result.summary())

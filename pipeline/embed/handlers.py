@@ -101,6 +101,7 @@ class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
         batch_size: int = 64,
         min_batch_size: int | None = None,
         expected_digest: str | None = None,
+        local_workers: int = 1,
     ) -> None:
         super().__init__(**_batching(batch_size, min_batch_size))
         self.model_ref = None if model is None else os.fspath(model)
@@ -108,11 +109,14 @@ class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
         self.device = device
         self.batch_size = batch_size
         self.expected_digest = expected_digest
+        self.local_workers = local_workers  # worker processes sharing this host's cores
 
     def load_model(self) -> Any:
+        from pipeline.embed.sentence import worker_threads
         from pipeline.embed.tiers import load_token_encoder
 
-        encoder = load_token_encoder(self.tier, self.model_ref, self.device)
+        encoder = load_token_encoder(self.tier, self.model_ref, self.device,
+                                     threads=worker_threads(self.local_workers) if self.local_workers > 1 else None)
         _check_digest(encoder.digest, self.expected_digest, f"text model {self.model_ref} ({self.tier})")
         return encoder
 

@@ -67,6 +67,33 @@ def text_model_key(model: str | os.PathLike[str] | None, tier: str = "fp32") -> 
     return base if tier == "fp32" else f"{base}-{tier}"
 
 
+def pick_batch_size(requested: int | None, device: str, per_item_bytes: int = 8 << 20, cpu_default: int = 64,
+                    cap: int = 1024, free_bytes: int | None = None) -> int:
+    """``requested`` when given; else 64 on a CPU, and on a GPU what half of its free memory holds.
+
+    ``per_item_bytes`` is a text's peak activation memory (MiniLM at 256 tokens in fp16: about
+    two layers' worth of attention and feed-forward states, ~8 MiB); ``free_bytes`` defaults to
+    what CUDA reports free now.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"batch size must be >= 1, got {requested}")
+        return int(requested)
+    if not str(device).startswith("cuda"):
+        return cpu_default
+    if free_bytes is None:
+        import torch
+
+        free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int(max(16, min(cap, free_bytes // 2 // per_item_bytes)))
+
+
+def worker_threads(local_workers: int) -> int:
+    """Torch / ONNX Runtime threads for one of ``local_workers`` worker processes on this host:
+    its share of the cores, so N workers do not oversubscribe the CPU N-fold."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(local_workers)))
+
+
 def pick_device(device: str | None = None) -> str:
     if device is not None:
         return device

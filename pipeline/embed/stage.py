@@ -267,7 +267,7 @@ def run_text_embedding(
     catalog: str | Path,
     dataset: str,
     model: str | os.PathLike[str] | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int = 1,
     force: bool = False,
     *,
@@ -281,6 +281,8 @@ def run_text_embedding(
 
     ``model``: a local sentence-transformers folder, a name already in the local cache, or
     ``None`` for the bundled all-MiniLM-L6-v2. ``name`` overrides the embeddings folder name.
+    ``batch_size``: None picks 64 on a CPU and what half the free memory holds on a GPU (fp16
+    there); with ``workers`` > 1 each local worker process uses its share of the cores.
     ``max_chars`` caps the text per conversation (default: 4 characters per model token, e.g.
     1024 for MiniLM's 256 tokens; see :func:`conversation_text`). ``tier``: ``fp32`` (the model
     as it is), or a cheaper tier of it (:mod:`pipeline.embed.tiers`). One encoder pass per
@@ -289,7 +291,7 @@ def run_text_embedding(
     :mod:`pipeline.embed.spans`). Skips, without loading the model, when the samples, the model
     files and the settings are unchanged and the output is intact (unless ``force``).
     """
-    from pipeline.embed.sentence import model_files_fingerprint, resolve_model_path
+    from pipeline.embed.sentence import model_files_fingerprint, pick_batch_size, pick_device, resolve_model_path
 
     cat = Catalog.at(catalog)
     source = cat.samples_partition("instruction", dataset)
@@ -315,8 +317,9 @@ def run_text_embedding(
             "model_source": resolve_model_path(model_ref), "tier": tier,
             "text_recipe": f"conversation_spans v{TEXT_RECIPE_VERSION}, max_chars={chars}",
         }, spans=True)
-        handler = SpanEmbeddingHandler(model_ref, tier=tier, device=device, batch_size=batch_size,
-                                       expected_digest=encoder.digest)
+        handler = SpanEmbeddingHandler(model_ref, tier=tier, device=device,
+                                       batch_size=pick_batch_size(batch_size, pick_device(device)),
+                                       expected_digest=encoder.digest, local_workers=workers)
         rows = (shard_paths
                 | "Spread" >> beam.Reshuffle()
                 | "ReadTexts" >> beam.ParDo(ReadConversationTexts(chars)).with_outputs(_MARKER, main="rows"))

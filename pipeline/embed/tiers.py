@@ -45,8 +45,8 @@ TIERS = ("fp32", "int8", "static")
 
 # Bump a build string whenever its recipe changes: the cache folder name includes it, so an old
 # build is never mistaken for a new one.
-INT8_BUILD = "int8-onnx-qint8-pc-v1"
-STATIC_BUILD = "static-m2v-v2"
+INT8_BUILD = "int8-onnx-qint8-pc-v2"
+STATIC_BUILD = "static-m2v-v3"
 MANIFEST = "manifest.json"
 
 # Texts a fresh build is checked on (against fp32 torch) before it is published to the cache.
@@ -83,12 +83,18 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def folder_digest(folder: Path) -> str:
-    """sha256 over every file of a built tier (names and contents), the manifest and README aside."""
-    h = hashlib.sha256()
+def folder_digest(folder: Path, salt: str = "") -> str:
+    """sha256 over ``salt`` and every file of a built tier (names and contents), the manifest and
+    README aside. The builds salt it with their build string and token limit (:func:`_salt`), so
+    the digest names the tier, the recipe and the files."""
+    h = hashlib.sha256(salt.encode())
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, "README.md")):
         h.update(f"{path.relative_to(folder).as_posix()}\0{_file_sha256(path)}\0".encode())
     return h.hexdigest()
+
+
+def _salt(build: str, max_tokens: int) -> str:
+    return f"{build}\0max_tokens={max_tokens}\0"
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -246,11 +252,11 @@ def build_int8(st_model: Any, folder: Path) -> dict[str, Any]:
     fused.unlink()
     st_model.tokenizer.save_pretrained(str(folder / "tokenizer"))
     max_tokens = int(st_model.max_seq_length or 256)
-    check = _check_build(Int8OnnxTokenEncoder(folder, dim=int(config.hidden_size), max_tokens=max_tokens, threads=None),
-                         st_model, 0.95, "int8")
+    check = _check_build(Int8OnnxTokenEncoder(folder, dim=int(config.hidden_size), max_tokens=max_tokens, threads=None,
+                                              digest="check"), st_model, 0.95, "int8")
     return {
         "tier": "int8", "build": INT8_BUILD, "fp32_digest": sentence_weights_digest(st_model),
-        "digest": folder_digest(folder), "dim": int(config.hidden_size),
+        "digest": folder_digest(folder, _salt(INT8_BUILD, max_tokens)), "dim": int(config.hidden_size),
         "max_tokens": max_tokens, "fusions": fusions, "check_min_cosine": round(check, 5),
         "versions": _versions("torch", "transformers", "onnx", "onnxruntime"),
     }
@@ -271,7 +277,7 @@ class Int8OnnxTokenEncoder:
         self.dim = int(dim or manifest["dim"])
         self.max_tokens = int(max_tokens or manifest["max_tokens"])
         self.threads = int(threads or os.cpu_count() or 1)
-        self.digest = digest or manifest.get("digest") or folder_digest(self.folder)
+        self.digest = digest or manifest.get("digest") or folder_digest(self.folder, _salt(INT8_BUILD, self.max_tokens))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
@@ -349,7 +355,8 @@ def build_static(st_model: Any, model_path: str, folder: Path) -> dict[str, Any]
         raise RuntimeError(f"static token states do not reproduce StaticModel.encode (min cosine {check:.4f})")
     return {
         "tier": "static", "build": STATIC_BUILD, "fp32_digest": sentence_weights_digest(st_model),
-        "digest": folder_digest(folder), "dim": int(static.dim), "max_tokens": max_tokens, "distill": STATIC_DISTILL,
+        "digest": folder_digest(folder, _salt(STATIC_BUILD, max_tokens)), "dim": int(static.dim),
+        "max_tokens": max_tokens, "distill": STATIC_DISTILL,
         "check_min_cosine_to_model2vec_encode": round(check, 6),
         "versions": _versions("model2vec", "torch", "transformers", "tokenizers"),
     }
@@ -378,9 +385,9 @@ class StaticTokenEncoder:
         max_tokens = max_tokens or manifest.get("max_tokens")
         extra = {} if max_tokens is None else {"max_length": int(max_tokens)}
         self.model = StaticModel.from_pretrained(str(self.folder), **extra)
-        self.digest = digest or manifest.get("digest") or folder_digest(self.folder)
         self.dim = int(self.model.dim)
         self.max_tokens = self.model.max_length
+        self.digest = digest or manifest.get("digest") or folder_digest(self.folder, _salt(STATIC_BUILD, self.max_tokens or 0))
         vectors = np.asarray(self.model.embedding, dtype=np.float32)
         if self.model.token_mapping is not None:
             vectors = vectors[np.asarray(self.model.token_mapping)]
