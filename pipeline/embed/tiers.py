@@ -46,7 +46,7 @@ TIERS = ("fp32", "int8", "static")
 # Bump a build string whenever its recipe changes: the cache folder name includes it, so an old
 # build is never mistaken for a new one.
 INT8_BUILD = "int8-onnx-qint8-pc-v2"
-STATIC_BUILD = "static-m2v-v3"
+STATIC_BUILD = "static-m2v-v4"
 MANIFEST = "manifest.json"
 
 # Texts a fresh build is checked on (against fp32 torch) before it is published to the cache.
@@ -230,6 +230,12 @@ def _export_onnx(st_model: Any, path: Path) -> None:
         )
 
 
+def _no_preprocess_advice(record: logging.LogRecord) -> bool:
+    """Drop the quantiser's generic advice to run its pre-processing (shape inference and graph
+    optimisation: the fused graph has had both)."""
+    return not str(record.msg).startswith("Please consider to run pre-processing before quantization")
+
+
 def build_int8(st_model: Any, folder: Path) -> dict[str, Any]:
     """Export, fuse and quantise ``st_model``'s transformer into ``folder/model.onnx``; a manifest."""
     import onnx
@@ -246,8 +252,13 @@ def build_int8(st_model: Any, folder: Path) -> dict[str, Any]:
                                hidden_size=int(config.hidden_size), opt_level=1)
     fusions = {k: v for k, v in optimised.get_fused_operator_statistics().items() if v}
     optimised.save_model_to_file(str(fused))
-    quantize_dynamic(str(fused), str(folder / "model.onnx"), per_channel=True, weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    root = logging.getLogger()
+    root.addFilter(_no_preprocess_advice)
+    try:
+        quantize_dynamic(str(fused), str(folder / "model.onnx"), per_channel=True, weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        root.removeFilter(_no_preprocess_advice)
     fp32.unlink()
     fused.unlink()
     st_model.tokenizer.save_pretrained(str(folder / "tokenizer"))
@@ -342,9 +353,14 @@ def build_static(st_model: Any, model_path: str, folder: Path) -> dict[str, Any]
     from pipeline.embed.spans import pool
 
     static = distill(model_path, device="cpu", **STATIC_DISTILL)
-    static.save_pretrained(str(folder))
-    # Same token budget as the fp32 model (256), so every tier embeds the same text.
+    # Same token budget as the fp32 model (256, not model2vec's 512), so every tier embeds the
+    # same text; saved in the model's config, so StaticModel.encode uses it too.
     max_tokens = int(st_model.max_seq_length or 256)
+    static.config["max_length"] = max_tokens
+    # distill records the source folder's absolute path; its name alone keeps the built files
+    # (and so the digest) independent of where the model happens to be installed.
+    static.config["tokenizer_name"] = Path(model_path).name
+    static.save_pretrained(str(folder))
     # The token-state path must reproduce StaticModel.encode (its "whole" vector).
     encoder = StaticTokenEncoder(folder, digest="check", max_tokens=max_tokens)
     spans = [{"user": (0, 0), "answer": (0, 0)}] * len(_CHECK_TEXTS)
@@ -382,9 +398,10 @@ class StaticTokenEncoder:
 
         self.folder = Path(folder)
         manifest = _read_manifest(self.folder) or {}
+        self.model = StaticModel.from_pretrained(str(self.folder))
         max_tokens = max_tokens or manifest.get("max_tokens")
-        extra = {} if max_tokens is None else {"max_length": int(max_tokens)}
-        self.model = StaticModel.from_pretrained(str(self.folder), **extra)
+        if max_tokens is not None and self.model.max_length != int(max_tokens):
+            self.model.max_length = int(max_tokens)
         self.dim = int(self.model.dim)
         self.max_tokens = self.model.max_length
         self.digest = digest or manifest.get("digest") or folder_digest(self.folder, _salt(STATIC_BUILD, self.max_tokens or 0))
