@@ -101,6 +101,7 @@ class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
         batch_size: int = 64,
         min_batch_size: int | None = None,
         expected_digest: str | None = None,
+        fp32_digest: str | None = None,
         local_workers: int = 1,
     ) -> None:
         super().__init__(**_batching(batch_size, min_batch_size))
@@ -109,6 +110,7 @@ class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
         self.device = device
         self.batch_size = batch_size
         self.expected_digest = expected_digest
+        self.fp32_digest = fp32_digest  # lets a derived tier load from the cache without torch
         self.local_workers = local_workers  # worker processes sharing this host's cores
 
     def load_model(self) -> Any:
@@ -116,7 +118,8 @@ class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
         from pipeline.embed.tiers import load_token_encoder
 
         encoder = load_token_encoder(self.tier, self.model_ref, self.device,
-                                     threads=worker_threads(self.local_workers) if self.local_workers > 1 else None)
+                                     threads=worker_threads(self.local_workers) if self.local_workers > 1 else None,
+                                     fp32_digest=self.fp32_digest)
         _check_digest(encoder.digest, self.expected_digest, f"text model {self.model_ref} ({self.tier})")
         return encoder
 

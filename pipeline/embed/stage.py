@@ -317,9 +317,12 @@ def run_text_embedding(
             "model_source": resolve_model_path(model_ref), "tier": tier,
             "text_recipe": f"conversation_spans v{TEXT_RECIPE_VERSION}, max_chars={chars}",
         }, spans=True)
+        # int8 and static run on the CPU whatever the device: only fp32 sizes batches for a GPU.
+        runs_on = pick_device(device) if tier == "fp32" else "cpu"
         handler = SpanEmbeddingHandler(model_ref, tier=tier, device=device,
-                                       batch_size=pick_batch_size(batch_size, pick_device(device)),
-                                       expected_digest=encoder.digest, local_workers=workers)
+                                       batch_size=pick_batch_size(batch_size, runs_on),
+                                       expected_digest=encoder.digest, fp32_digest=encoder.fp32_digest,
+                                       local_workers=workers)
         rows = (shard_paths
                 | "Spread" >> beam.Reshuffle()
                 | "ReadTexts" >> beam.ParDo(ReadConversationTexts(chars)).with_outputs(_MARKER, main="rows"))
