@@ -287,7 +287,7 @@ class StageRun:
 
     # ---------------------------------------------------------------- enter / exit
     def __enter__(self) -> "StageRun":
-        recover(self.root)
+        # Catalog.at has finished other runs' interrupted commits; this key's are finished below.
         self._lock.acquire(self.run_id, lock_timeout())
         try:
             self._clean_orphans()
@@ -295,7 +295,7 @@ class StageRun:
             if not self.skipped:
                 self.area.mkdir(parents=True)
                 write_json_atomic({"run_id": self.run_id, "key": self.key, "pid": os.getpid(),
-                             "host": socket.gethostname(), "started_at": self.started}, self.area / OWNER)
+                                   "host": socket.gethostname(), "started_at": self.started}, self.area / OWNER)
                 for folder in self.staging.values():
                     folder.mkdir(parents=True)
         except BaseException:
