@@ -13,6 +13,7 @@ others are written to ``duplicates/``). Shards are written into a staging folder
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -91,7 +92,7 @@ class ReadChunks(beam.DoFn):
         for chunk in read_chunks(unit, self.limits):
             rows_in += chunk.rows_in
             yield chunk
-        name = f"{zlib.crc32(unit.uri.encode()):08x}-{unit.start}.json"
+        name = f"{hashlib.sha1(unit.uri.encode()).hexdigest()[:20]}-{unit.start}.json"  # one file per unit range
         write_json_atomic({"uri": unit.uri, "start": unit.start, "stop": unit.stop, "rows_in": rows_in},
                           Path(self.staging) / "_reads" / name)
 
