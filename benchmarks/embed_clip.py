@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from embed_text import PeakRss  # noqa: E402  (a sibling benchmark script)
+from peak_rss import PeakRss  # noqa: E402  (a sibling benchmark helper)
 
 SHARED = REPO.parent / "shared" / "data" / "image_text"
 
