@@ -218,15 +218,14 @@ def apply_journal(root: Path, journal: Path) -> None:
     journal.unlink()
 
 
-def recover(root: Path) -> list[str]:
-    """Finish the commits of dead runs and remove their staging areas. Returns what was done.
+def recover(root: Path) -> None:
+    """Finish the commits of dead runs and remove their staging areas.
 
     Live runs hold their lock, so their staging areas are left alone.
     """
     area = root / STAGING
     if not area.is_dir():
-        return []
-    done = []
+        return
     for run_dir in sorted(p for p in area.iterdir() if p.is_dir()):
         owner_file = run_dir / OWNER
         if not owner_file.is_file():
@@ -243,7 +242,6 @@ def recover(root: Path) -> list[str]:
         try:
             if (run_dir / JOURNAL).is_file():
                 apply_journal(root, run_dir / JOURNAL)
-                done.append(f"finished the interrupted commit of {owner.get('run_id')}")
                 log.warning("recovered: finished the interrupted commit of run %s (%s)",
                             owner.get("run_id"), owner["key"])
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -253,7 +251,6 @@ def recover(root: Path) -> list[str]:
         area.rmdir()
     except OSError:
         pass
-    return done
 
 
 # ------------------------------------------------------------------------------- the stage
