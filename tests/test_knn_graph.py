@@ -23,14 +23,18 @@ def random_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
 
 
-def brute_force(x: np.ndarray, k: int, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
-    """(neighbours, sims) of every row, self excluded, best first."""
+def similarities(x: np.ndarray, metric: str = "ip") -> np.ndarray:
+    """All pairwise similarities in float64: cosine for "ip", negated squared distance for "l2"."""
     if metric == "ip":
         xn = l2_normalize(x).astype(np.float64)
-        sim = xn @ xn.T
-    else:
-        xd = x.astype(np.float64)
-        sim = -((xd[:, None, :] - xd[None, :, :]) ** 2).sum(-1)
+        return xn @ xn.T
+    xd = x.astype(np.float64)
+    return -((xd[:, None, :] - xd[None, :, :]) ** 2).sum(-1)
+
+
+def brute_force(x: np.ndarray, k: int, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+    """(neighbours, sims) of every row, self excluded, best first."""
+    sim = similarities(x, metric)
     np.fill_diagonal(sim, -np.inf)
     nb = np.argsort(-sim, axis=1, kind="stable")[:, :k]
     return nb, np.take_along_axis(sim, nb, axis=1)
@@ -44,12 +48,7 @@ def assert_neighbours_up_to_ties(x: np.ndarray, dst: np.ndarray, k: int, metric:
     them differently, and so may FAISS on another BLAS kernel.
     """
     _, best = brute_force(x, k, metric)
-    if metric == "ip":
-        xn = l2_normalize(x).astype(np.float64)
-        sim = xn @ xn.T
-    else:
-        xd = x.astype(np.float64)
-        sim = -((xd[:, None, :] - xd[None, :, :]) ** 2).sum(-1)
+    sim = similarities(x, metric)
     nb = dst.reshape(len(x), k)
     assert all(len(set(row)) == k and r not in row for r, row in enumerate(nb.tolist()))
     np.testing.assert_allclose(np.take_along_axis(sim, nb, axis=1), best, rtol=1e-5, atol=1e-5)
