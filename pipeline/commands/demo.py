@@ -15,9 +15,11 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from flows.settings import configure_local_prefect
+    from flows.settings import LocalPrefectServer, configure_local_prefect
 
     configure_local_prefect()  # before Prefect is imported: it reads its settings once
+    server = LocalPrefectServer()  # boots while the flows import
     from flows.demo import run_demo
 
-    return run_demo(args.catalog, workers=args.workers, force=args.force)
+    with server:
+        return run_demo(args.catalog, workers=args.workers, force=args.force)
