@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from oracles.cabs_naive import rescan_dm_paper_numpy  # noqa: E402
+
 from pipeline.select.batch_metrics import (  # noqa: E402
     compare_to_iid,
     concept_frequencies,

@@ -65,10 +65,10 @@ def main() -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from pipeline.beam.ingest import run_ingest
     from pipeline.embed.clip import embed_captions, embed_images, shared_clip
-    from pipeline.embed.stage import cosine_rows, run_clip_embedding
     from pipeline.io.catalog import Catalog
+    from pipeline.stages.embeddings import cosine_rows, run_clip_embedding
+    from pipeline.stages.ingest import run_ingest
 
     if not SHARED.is_dir():
         raise SystemExit(f"{SHARED} is missing; this benchmark needs ../shared/data (see its README)")

@@ -127,7 +127,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def prepare(tier: str) -> None:
     """Build (or find) the tier in the cache; print the fp32 digest."""
-    from pipeline.embed.handlers import sentence_weights_digest, shared_sentence_model
+    from pipeline.embed.sentence import sentence_weights_digest, shared_sentence_model
     from pipeline.embed.tiers import load_token_encoder
 
     encoder = load_token_encoder(tier)

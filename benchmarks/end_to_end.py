@@ -174,16 +174,16 @@ def chain_worker(args: argparse.Namespace) -> None:
               f"{s['peak_rss_mib']:7.0f} MiB", flush=True)
 
     with meter("imports"):  # what the flow's tasks import (torch comes later, with the fp32 model)
-        from pipeline.annotate.instruction_stage import (
+        from pipeline.curate import mig_pool
+        from pipeline.curate.materialise import export, materialise_instructions
+        from pipeline.select.mig import MIGConfig
+        from pipeline.stages.embeddings import run_text_embedding
+        from pipeline.stages.index import run_index_build, run_near_duplicates
+        from pipeline.stages.ingest import run_ingest
+        from pipeline.stages.instruction_annotations import (
             run_quality_annotation,
             run_tag_annotation,
         )
-        from pipeline.beam.ingest import run_ingest
-        from pipeline.curate import mig_pool
-        from pipeline.curate.materialise import export, materialise_instructions
-        from pipeline.embed.stage import run_text_embedding
-        from pipeline.index.stage import run_index_build, run_near_duplicates
-        from pipeline.select.mig import MIGConfig
     line("imports")
 
     with meter("ingest"):
@@ -254,14 +254,13 @@ def plain_worker(args: argparse.Namespace) -> None:
     """One plain sentence-transformers pass over the catalog's conversations; figures to ``--out``."""
     meter = Meter()
     with meter("imports_load"):
-        from pipeline.embed.handlers import shared_sentence_model
-        from pipeline.embed.sentence import embed_texts
+        from pipeline.embed.sentence import embed_texts, shared_sentence_model
 
         model = shared_sentence_model()
     with meter("texts"):
         import pyarrow.parquet as pq
 
-        # conversation_text (pipeline.embed.stage) is conversation_spans(m).text; taken from spans so
+        # conversation_text (pipeline.stages.embeddings) is conversation_spans(m).text; taken from spans so
         # that this process does not import Beam.
         from pipeline.embed.spans import conversation_spans
         from pipeline.io.catalog import Catalog

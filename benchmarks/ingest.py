@@ -37,7 +37,7 @@ from pipeline.io.catalog import shard_name, table_from_rows, write_parquet_atomi
 from pipeline.io.records import parse_chunk
 from pipeline.io.sample_id import shard_of
 from pipeline.io.sources import plan_units, read_chunks
-from pipeline.beam.ingest import _dedup
+from pipeline.stages.ingest import _dedup
 
 src, out, shards = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 t0 = time.perf_counter()
@@ -63,7 +63,7 @@ print("RESULT", rows_in, kept, dupes, len(rejects), time.perf_counter() - t0)
 BEAM_JOB = r"""
 import logging, sys, time
 logging.disable(logging.WARNING)
-from pipeline.beam.ingest import run_ingest
+from pipeline.stages.ingest import run_ingest
 src, out, shards, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 t0 = time.perf_counter()
 r = run_ingest(src.split(","), out, "bench", num_shards=shards, workers=workers, force=True)
@@ -77,7 +77,7 @@ STARTUP = r"""
 import logging, sys, time
 logging.disable(logging.WARNING)
 import apache_beam as beam
-from pipeline.beam.runner import make_pipeline_options, run_pipeline
+from pipeline.stages.runner import make_pipeline_options, run_pipeline
 workers = int(sys.argv[1])
 t0 = time.perf_counter()
 run_pipeline(lambda p: p | beam.Create([1, 2]) | beam.Reshuffle() | beam.Map(lambda x: (x % 2, x))

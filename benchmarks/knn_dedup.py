@@ -40,7 +40,13 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.index.device import describe_device  # noqa: E402
-from pipeline.index.faiss_index import IndexSpec, build_index, choose_spec, l2_normalize, recall_at_k  # noqa: E402
+from pipeline.index.faiss_index import (  # noqa: E402
+    IndexSpec,
+    build_index,
+    choose_spec,
+    l2_normalize,
+    recall_at_k,
+)
 from pipeline.index.knn_graph import knn_graph, symmetrize_graph  # noqa: E402
 from pipeline.index.semdedup import semdedup  # noqa: E402
 

@@ -67,12 +67,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from pipeline.annotate.quality import OfflineQualityScorer, _clip_for_embedding, conversation_rounds, on_topic_from_spans
-    from pipeline.annotate.tags import OfflineTagger, TaggerConfig, head_and_tail, user_text
-    from pipeline.embed.handlers import shared_sentence_model
-    from pipeline.embed.tiers import load_token_encoder
-    from pipeline.embed.sentence import embed_texts
+    from pipeline.annotate.quality import (
+        OfflineQualityScorer,
+        _clip_for_embedding,
+        conversation_rounds,
+        on_topic_from_spans,
+    )
+    from pipeline.annotate.tags import (
+        OfflineTagger,
+        TaggerConfig,
+        head_and_tail,
+        user_text,
+    )
+    from pipeline.embed.sentence import embed_texts, shared_sentence_model
     from pipeline.embed.spans import conversation_spans, encode_spans, encode_texts
+    from pipeline.embed.tiers import load_token_encoder
 
     convs = load(args.n, args.seed)
     model = shared_sentence_model(None, "cpu")

@@ -21,7 +21,7 @@ RETRIES = {"retries": 2, "retry_delay_seconds": 5}
 
 @task(name="annotate-caption-concepts", **RETRIES)
 def concepts_task(catalog: str, dataset: str, workers: int, force: bool) -> dict[str, Any]:
-    from pipeline.annotate.concept_stage import run_caption_concepts
+    from pipeline.stages.concepts import run_caption_concepts
 
     return asdict(run_caption_concepts(catalog, dataset, workers=workers, force=force))
 
@@ -29,7 +29,7 @@ def concepts_task(catalog: str, dataset: str, workers: int, force: bool) -> dict
 @task(name="embed-clip", **RETRIES)
 def clip_task(catalog: str, dataset: str, model_name: str, pretrained: str | None, workers: int,
               force: bool) -> dict[str, Any]:
-    from pipeline.embed.stage import run_clip_embedding
+    from pipeline.stages.embeddings import run_clip_embedding
 
     res = run_clip_embedding(catalog, dataset, model_name, pretrained, workers=workers, force=force)
     return {"image_model": res.image.model, "text_model": res.text.model, "clip_score": res.clip_score_stats}
@@ -37,7 +37,7 @@ def clip_task(catalog: str, dataset: str, model_name: str, pretrained: str | Non
 
 @task(name="index-and-near-duplicates", **RETRIES)
 def index_task(catalog: str, dataset: str, model: str, threshold: float, force: bool) -> dict[str, Any]:
-    from pipeline.index.stage import run_index_build, run_near_duplicates
+    from pipeline.stages.index import run_index_build, run_near_duplicates
 
     index = run_index_build(catalog, dataset, model, force=force)
     near = run_near_duplicates(catalog, dataset, model, threshold, force=force)

@@ -24,28 +24,28 @@ CHAIN_TIERS = ("fp32", "int8")  # encoder tiers whose outputs agree with fp32 cl
 
 @task(name="annotate-tags", **RETRIES)
 def tags_task(catalog: str, dataset: str, workers: int, force: bool, tier: str = "fp32") -> dict[str, Any]:
-    from pipeline.annotate.instruction_stage import run_tag_annotation
+    from pipeline.stages.instruction_annotations import run_tag_annotation
 
     return asdict(run_tag_annotation(catalog, dataset, workers=workers, force=force, tier=tier))
 
 
 @task(name="annotate-quality", **RETRIES)
 def quality_task(catalog: str, dataset: str, workers: int, force: bool, tier: str = "fp32") -> dict[str, Any]:
-    from pipeline.annotate.instruction_stage import run_quality_annotation
+    from pipeline.stages.instruction_annotations import run_quality_annotation
 
     return asdict(run_quality_annotation(catalog, dataset, workers=workers, force=force, tier=tier))
 
 
 @task(name="embed-text", **RETRIES)
 def embed_task(catalog: str, dataset: str, workers: int, force: bool, tier: str = "fp32") -> dict[str, Any]:
-    from pipeline.embed.stage import run_text_embedding
+    from pipeline.stages.embeddings import run_text_embedding
 
     return asdict(run_text_embedding(catalog, dataset, workers=workers, force=force, tier=tier))
 
 
 @task(name="index-and-near-duplicates", **RETRIES)
 def index_task(catalog: str, dataset: str, model: str, threshold: float, force: bool) -> dict[str, Any]:
-    from pipeline.index.stage import run_index_build, run_near_duplicates
+    from pipeline.stages.index import run_index_build, run_near_duplicates
 
     index = run_index_build(catalog, dataset, model, force=force)
     near = run_near_duplicates(catalog, dataset, model, threshold, force=force)

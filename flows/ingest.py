@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from pipeline.beam.ingest import IngestResult, run_ingest
+from pipeline.stages.ingest import IngestResult, run_ingest
 
 
 @dataclass

@@ -10,7 +10,6 @@ import sys
 import time
 import urllib.request
 
-
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never goes via a proxy
 
 
@@ -78,7 +77,10 @@ class LocalPrefectServer:
     def __enter__(self) -> "LocalPrefectServer":
         self.wait()
         if self._proc is not None:
-            from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+            from prefect.settings import (
+                PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+                temporary_settings,
+            )
 
             self._settings = temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
             self._settings.__enter__()

@@ -43,7 +43,7 @@ VERBOSE_HELP = ("show INFO logs, Beam's included, and let local Beam workers pri
 
 def _verbose_logs() -> None:
     """``--verbose``: INFO logs, and Beam's SDK workers started with Beam's own (chatty) command."""
-    from pipeline.beam.progress import VERBOSE_ENV
+    from pipeline.stages.progress import VERBOSE_ENV
 
     os.environ[VERBOSE_ENV] = "1"  # read by run_pipeline, and inherited by worker processes
     logging.getLogger().setLevel(logging.INFO)
@@ -113,7 +113,7 @@ def check_extra_args(extra: list[str], own: list[str], to_beam: bool) -> list[st
     """Problems with the arguments Thresher's parser did not recognise (empty: all fine).
 
     For a Beam job they must be options Beam defines (checked by
-    :func:`pipeline.beam.runner.validate_beam_args`); for any other command there must be none.
+    :func:`pipeline.stages.runner.validate_beam_args`); for any other command there must be none.
     """
     if not extra:
         return []
@@ -122,7 +122,7 @@ def check_extra_args(extra: list[str], own: list[str], to_beam: bool) -> list[st
         if flags:
             return [_unrecognised(f, own, []) for f in flags]
         return [f"unexpected arguments: {' '.join(extra)} (quote a value that contains spaces)"]
-    from pipeline.beam.runner import beam_option_names, validate_beam_args
+    from pipeline.stages.runner import beam_option_names, validate_beam_args
 
     beam = beam_option_names()
     problems = []
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
     except SystemExit as exc:  # argparse printed --help, or usage and the error
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    from pipeline.beam.progress import verbose
+    from pipeline.stages.progress import verbose
 
     if getattr(args, "verbose", False) or verbose():
         _verbose_logs()

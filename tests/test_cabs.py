@@ -8,8 +8,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-import pipeline.select.cabs as cabs_mod
 from oracles.cabs_naive import (
     naive_dm_paper,
     naive_dm_reference,
@@ -17,6 +15,8 @@ from oracles.cabs_naive import (
     naive_reference_targets,
     rescan_dm_paper_numpy,
 )
+
+import pipeline.select.cabs as cabs_mod
 from pipeline.select.batch_metrics import (
     batch_report,
     compare_to_iid,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.beam.runner import beam_option_names, validate_beam_args
 from pipeline.cli import check_extra_args, main
+from pipeline.stages.runner import beam_option_names, validate_beam_args
 
 
 def _errors(capsys) -> list[str]:

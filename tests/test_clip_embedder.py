@@ -19,7 +19,12 @@ from pipeline.embed.clip import (
     load_state_dict_safely,
     weights_digest,
 )
-from pipeline.embed.handlers import ClipImageEmbeddingHandler, ClipTextEmbeddingHandler, WeightsMismatch, keyed
+from pipeline.embed.sentence import WeightsMismatch
+from pipeline.stages.model_handlers import (
+    ClipImageEmbeddingHandler,
+    ClipTextEmbeddingHandler,
+    keyed,
+)
 
 
 class NotATensor:

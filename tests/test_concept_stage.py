@@ -10,11 +10,16 @@ import pytest
 from PIL import Image
 
 import schemas
-from pipeline.annotate.concept_stage import CAPTION_TABLE, CLIP_TABLE, run_caption_concepts, run_clip_concepts
 from pipeline.annotate.vocabulary import ConceptEntry, Vocabulary
-from pipeline.beam.ingest import run_ingest
 from pipeline.cli import main as cli_main
 from pipeline.io.catalog import Catalog
+from pipeline.stages.concepts import (
+    CAPTION_TABLE,
+    CLIP_TABLE,
+    run_caption_concepts,
+    run_clip_concepts,
+)
+from pipeline.stages.ingest import run_ingest
 
 
 def jpeg(color: str) -> bytes:

@@ -160,7 +160,12 @@ def demo_images(demo_data) -> list[bytes]:
 
 
 def test_clip_tagger_plumbing_with_a_tiny_random_model(demo_images):
-    from pipeline.embed.clip import TINY_MODEL, embed_captions, embed_images, shared_clip
+    from pipeline.embed.clip import (
+        TINY_MODEL,
+        embed_captions,
+        embed_images,
+        shared_clip,
+    )
 
     vocab = load_vocabulary().subset(["dog", "cat", "bed", "bus", "umbrella", "woman", "red", "alley", "tree", "car"])
     # cosine of random weights can be negative: a threshold of -1 keeps every top-k concept

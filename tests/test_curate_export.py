@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.beam.ingest import run_ingest
+from pipeline import query
 from pipeline.cli import main
 from pipeline.curate.materialise import to_layout
-from pipeline import query
+from pipeline.stages.ingest import run_ingest
 
 
 @pytest.fixture(scope="module")

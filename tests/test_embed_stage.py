@@ -8,18 +8,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.beam.ingest import run_ingest
 from pipeline.embed.clip import TINY_MODEL, embed_captions, embed_images, shared_clip
-from pipeline.embed.handlers import shared_sentence_model
-from pipeline.embed.stage import (
+from pipeline.embed.sentence import embed_texts, shared_sentence_model
+from pipeline.io.catalog import Catalog
+from pipeline.stages.embeddings import (
     conversation_text,
     read_embedding_metadata,
     read_embeddings,
     run_clip_embedding,
     run_text_embedding,
 )
-from pipeline.embed.sentence import embed_texts
-from pipeline.io.catalog import Catalog
+from pipeline.stages.ingest import run_ingest
 
 TINY_KEY = f"{TINY_MODEL}-random"
 
@@ -191,7 +190,7 @@ def test_clip_embedding_with_two_worker_processes_matches_one(image_catalog):
 
 def test_one_pass_writes_user_and_answer_vectors_and_a_skip_loads_no_model(tmp_path, demo_data, monkeypatch):
     from pipeline.annotate.tags import assistant_text, user_text
-    from pipeline.embed import handlers
+    from pipeline.embed import sentence
 
     root = tmp_path / "cat"
     run_ingest([str(demo_data / "instructions" / "gsm8k_train.jsonl.gz")], root, "gsm", num_shards=2)
@@ -216,7 +215,7 @@ def test_one_pass_writes_user_and_answer_vectors_and_a_skip_loads_no_model(tmp_p
     def no_model(*args, **kwargs):
         raise AssertionError("an unchanged stage must skip before loading its model")
 
-    monkeypatch.setattr(handlers, "shared_sentence_model", no_model)
+    monkeypatch.setattr(sentence, "shared_sentence_model", no_model)
     assert run_text_embedding(root, "gsm", batch_size=16).skipped
 
 

@@ -236,7 +236,7 @@ def test_worker_with_known_digest_loads_without_torch(cache) -> None:
 
 
 def test_wrong_fp32_digest_is_refused(cache) -> None:
-    from pipeline.embed.handlers import WeightsMismatch
+    from pipeline.embed.sentence import WeightsMismatch
 
     for tier in tiers.TIERS:
         assert tiers.load_token_encoder(tier).fp32_digest == cache["encoders"]["fp32"].digest
@@ -286,7 +286,7 @@ def test_two_processes_building_at_once_leave_one_valid_build(tmp_path: Path) ->
     code = textwrap.dedent("""
         import json, os, pathlib, sys, time
         from pipeline.embed import tiers
-        from pipeline.embed.handlers import shared_sentence_model
+        from pipeline.embed.sentence import shared_sentence_model
         shared_sentence_model(None, "cpu")  # load first, so that both reach the build together
         barrier = pathlib.Path(sys.argv[1])
         (barrier / str(os.getpid())).touch()

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import query
-from pipeline.beam.ingest import run_ingest
 from pipeline.cli import main
 from pipeline.curate import materialise
 from pipeline.curate.materialise import export, materialise_instructions
 from pipeline.curate.webdataset_export import export_plan
+from pipeline.stages.ingest import run_ingest
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.beam.ingest import run_ingest
 from pipeline.commands import neighbors as neighbors_command
 from pipeline.embed.clip import TINY_MODEL
-from pipeline.embed.stage import read_embeddings, run_clip_embedding, run_text_embedding
 from pipeline.index.faiss_index import FaissIndex, drop_self
-from pipeline.index.stage import (
+from pipeline.io.catalog import Catalog
+from pipeline.stages.embeddings import (
+    read_embeddings,
+    run_clip_embedding,
+    run_text_embedding,
+)
+from pipeline.stages.index import (
     NEAR_DUP_SCHEMA,
     duplicate_groups,
     nearest_other_similarity,
@@ -25,7 +29,7 @@ from pipeline.index.stage import (
     run_near_duplicates,
     spec_for_kind,
 )
-from pipeline.io.catalog import Catalog
+from pipeline.stages.ingest import run_ingest
 
 TEXT = "all-MiniLM-L6-v2"
 IMAGE = f"{TINY_MODEL}-random-image"

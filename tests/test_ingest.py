@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.beam import ingest as ingest_mod
-from pipeline.beam.ingest import run_ingest
 from pipeline.io.catalog import Catalog
 from pipeline.io.sources import ReadLimits
+from pipeline.stages import ingest as ingest_mod
+from pipeline.stages.ingest import run_ingest
 
 GOOD = [
     {"instruction": "Add two numbers", "input": "2, 3", "output": "5"},
@@ -240,7 +240,7 @@ def test_large_files_are_split_into_ranges_without_losing_lines(tmp_path):
     offsets = [it.offset for r in ranges for c in read_chunks(r) for it in c.items]
     assert offsets == list(range(1001))
     cat = Catalog.at(tmp_path / "cat")
-    from pipeline.beam.ingest import build_pipeline  # noqa: F401  (the job uses the same split)
+    from pipeline.stages.ingest import build_pipeline  # noqa: F401  (the job uses the same split)
     r = run_ingest([str(tmp_path / "big.jsonl.gz")], cat.root, "d", workers=2)
     assert r.counts["samples"] == 1001 and r.counts["rows_in"] == 1001
 

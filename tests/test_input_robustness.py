@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.beam.ingest import run_ingest
 from pipeline.io import instruction_formats
 from pipeline.io.catalog import Catalog
 from pipeline.io.records import parse_chunk
@@ -40,6 +39,7 @@ from pipeline.io.sources import (
     read_chunks,
     sniff_instruction_container,
 )
+from pipeline.stages.ingest import run_ingest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

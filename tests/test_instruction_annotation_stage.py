@@ -9,9 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
-from pipeline.annotate.instruction_stage import run_quality_annotation, run_tag_annotation
-from pipeline.beam.ingest import run_ingest
 from pipeline.io.catalog import Catalog
+from pipeline.stages.ingest import run_ingest
+from pipeline.stages.instruction_annotations import (
+    run_quality_annotation,
+    run_tag_annotation,
+)
 
 RECORDS = [
     {"instruction": "Write a Python function that returns the factorial of n.",

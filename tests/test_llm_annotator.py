@@ -166,10 +166,13 @@ def test_reply_parsers():
 
 
 def test_llm_stages_write_rows_with_errors_and_leave_input_annotations_alone(fake_server, tmp_path):
-    from pipeline.annotate.instruction_stage import run_quality_annotation, run_tag_annotation
-    from schemas import LLM_TAG_ANNOTATIONS
-    from pipeline.beam.ingest import run_ingest
     from pipeline.io.catalog import Catalog
+    from pipeline.stages.ingest import run_ingest
+    from pipeline.stages.instruction_annotations import (
+        run_quality_annotation,
+        run_tag_annotation,
+    )
+    from schemas import LLM_TAG_ANNOTATIONS
 
     url, calls = fake_server
     src = tmp_path / "in"

@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.beam import progress
-from pipeline.beam.ingest import run_ingest
-from pipeline.beam.runner import make_pipeline_options, run_pipeline
-from pipeline.beam.stage import ShardFn, run_shard_stage
 from pipeline.io.catalog import Catalog
 from pipeline.io.sources import plan_units
+from pipeline.stages import progress
+from pipeline.stages.ingest import run_ingest
+from pipeline.stages.runner import make_pipeline_options, run_pipeline
+from pipeline.stages.shards import ShardFn, run_shard_stage
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = pa.schema([("sample_id", pa.string()), ("n_chars", pa.int64())])
@@ -66,7 +66,7 @@ def _char_count(cat: Catalog, **kw):
 
 def test_ticks_from_two_processes_add_up_in_the_watcher(tmp_path):
     script = ("import sys, time\n"
-              "from pipeline.beam import progress\n"
+              "from pipeline.stages import progress\n"
               "for i in range(300):\n"
               "    progress.tick(sys.argv[1], 1)\n"
               "    if i % 100 == 99: time.sleep(0.4)\n"

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import query
-from pipeline.beam.ingest import run_ingest
 from pipeline.cli import main
+from pipeline.stages.ingest import run_ingest
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import duckdb
 import pytest
 
 from pipeline import query
-from pipeline.beam.ingest import run_ingest
 from pipeline.cli import main
 from pipeline.io.catalog import Catalog
+from pipeline.stages.ingest import run_ingest
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import query
-from pipeline.beam.ingest import run_ingest
-from pipeline.beam.stage import ShardFn, run_shard_stage
 from pipeline.curate.materialise import materialise_instructions
 from pipeline.io.catalog import Catalog
-from pipeline.io.runs import CatalogBusy, Lock, verify_folder, folder_manifest
+from pipeline.io.runs import CatalogBusy, Lock, folder_manifest, verify_folder
+from pipeline.stages.ingest import run_ingest
+from pipeline.stages.shards import ShardFn, run_shard_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -246,7 +246,7 @@ def test_two_real_ingests_of_one_dataset_never_both_write(tmp_path):
 
 
 def test_a_failed_ingest_is_in_the_ledger_with_its_error(tmp_path, monkeypatch):
-    from pipeline.beam import ingest as ingest_mod
+    from pipeline.stages import ingest as ingest_mod
 
     def broken(*args, **kwargs):
         raise RuntimeError("worker lost")

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.beam.ingest import run_ingest
 from pipeline.cli import main
 from pipeline.io.instruction_formats import normalise
 from pipeline.io.sample_id import conversation_id
+from pipeline.stages.ingest import run_ingest
 
 TAGS = ["math", "code generation", "python programming", "poetry", "creative writing", "translation",
         "arithmetic", "sql query", "summarization", "email writing"]

@@ -9,14 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.beam.ingest import run_ingest
 from pipeline.cli import main
 from pipeline.curate import mig_pool
-from pipeline.index.stage import (
+from pipeline.stages.index import (
     near_dup_annotator,
     read_near_duplicates,
     run_near_duplicates,
 )
+from pipeline.stages.ingest import run_ingest
 
 TAGS = ["math", "code generation", "poetry", "translation", "summarization", "email writing", "history", "cooking"]
 

@@ -9,9 +9,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.beam.ingest import run_ingest
-from pipeline.beam.stage import ShardFn, run_shard_stage
 from pipeline.io.catalog import Catalog, check_name, safe_name
+from pipeline.stages.ingest import run_ingest
+from pipeline.stages.shards import ShardFn, run_shard_stage
 
 SCHEMA = pa.schema([("sample_id", pa.string()), ("n_chars", pa.int64())])
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.embed import tiers
-from pipeline.embed.handlers import shared_sentence_model
-from pipeline.embed.sentence import embed_texts
+from pipeline.embed.sentence import embed_texts, shared_sentence_model
 from pipeline.embed.text_cache import cache_path, text_vectors
 
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline import query
-from pipeline.beam.ingest import run_ingest
 from pipeline.cli import main
+from pipeline.stages.ingest import run_ingest
 
 
 def test_plan_to_webdataset_shards(tmp_path, demo_data):

@@ -77,8 +77,8 @@ def _llm_config(args: argparse.Namespace):
 def _run_tags(args: argparse.Namespace, beam_args: list[str]) -> int:
     from dataclasses import replace
 
-    from pipeline.annotate import instruction_stage as stage
     from pipeline.annotate.tags import TaggerConfig
+    from pipeline.stages import instruction_annotations as stage
 
     if args.annotator == "llm":
         result = stage.run_tag_annotation(args.catalog, args.dataset, stage.LLM_TAGS, llm=_llm_config(args),
@@ -98,7 +98,7 @@ def _run_tags(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 def _run_quality(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipeline.annotate import instruction_stage as stage
+    from pipeline.stages import instruction_annotations as stage
 
     if args.annotator == "llm":
         result = stage.run_quality_annotation(args.catalog, args.dataset, stage.LLM_QUALITY, llm=_llm_config(args),

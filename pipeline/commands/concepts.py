@@ -102,7 +102,7 @@ def _vocab(args: argparse.Namespace) -> int:
 
 
 def _annotate(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipeline.annotate.concept_stage import run_caption_concepts, run_clip_concepts
+    from pipeline.stages.concepts import run_caption_concepts, run_clip_concepts
 
     if args.annotator == "caption":
         result = run_caption_concepts(args.catalog, args.dataset, args.vocabulary, workers=args.workers,

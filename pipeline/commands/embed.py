@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if kind == "instruction":
         if args.pretrained:
             raise ValueError("--pretrained applies to image_text (open_clip) models; for text pass --model FOLDER")
-        from pipeline.embed.stage import run_text_embedding
+        from pipeline.stages.embeddings import run_text_embedding
 
         result = run_text_embedding(args.catalog, args.dataset, args.model, batch_size=args.batch_size,
                                     workers=args.workers, force=args.force, name=args.name,
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
                                     tier=args.tier)
         print(result.summary())
         return 0
-    from pipeline.embed.stage import run_clip_embedding
+    from pipeline.stages.embeddings import run_clip_embedding
 
     model = args.model or DEFAULT_CLIP_MODEL
     if args.pretrained is None:

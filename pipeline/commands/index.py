@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from pipeline.index.stage import run_index_build, run_near_duplicates
+    from pipeline.stages.index import run_index_build, run_near_duplicates
 
     result = run_index_build(args.catalog, args.dataset, args.model, kind=args.kind, workers=args.workers,
                              force=args.force, recall_queries=args.recall_queries)

@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipeline.beam.ingest import run_ingest
     from pipeline.io.sources import ReadLimits
+    from pipeline.stages.ingest import run_ingest
 
     options = {}
     if args.caption_from:

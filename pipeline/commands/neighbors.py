@@ -52,7 +52,7 @@ def _value_set(values: set[str]):
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from pipeline.index.stage import neighbors
+    from pipeline.stages.index import neighbors
 
     hits = neighbors(args.catalog, args.dataset, args.model, args.sample_id, args.k)
     text = snippets(args.catalog, args.dataset, [sid for sid, _ in hits], args.width)

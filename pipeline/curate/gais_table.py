@@ -21,7 +21,6 @@ from pipeline.curate import annotations
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 
 
-
 @dataclass
 class Instances:
     X: np.ndarray

@@ -29,7 +29,12 @@ import pyarrow.parquet as pq
 
 import schemas
 from pipeline.curate import annotations
-from pipeline.io.catalog import Catalog, shard_name, write_json_atomic, write_parquet_atomic
+from pipeline.io.catalog import (
+    Catalog,
+    shard_name,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from pipeline.io.runs import StageRun
 
 EXPORT_FORMATS = ("sharegpt", "alpaca", "openai", "parquet")

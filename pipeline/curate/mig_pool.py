@@ -25,7 +25,6 @@ from pipeline.select import label_graph as lg
 from pipeline.select import mig
 
 
-
 @dataclass
 class Pool:
     sample_ids: list[str]
@@ -58,7 +57,7 @@ def pool_from_xsample(path: str | Path) -> Pool:
                 str(path), {"skipped_without_annotations": xs.skipped})
 
 
-NEAR_DUP_PREFIX = "near_dup_"  # pipeline.index.stage.near_dup_annotator(model) names them so
+NEAR_DUP_PREFIX = "near_dup_"  # pipeline.stages.index.near_dup_annotator(model) names them so
 NEAR_DUP_THRESHOLD = 0.95  # the curate_instructions flow's default cosine
 
 

@@ -241,7 +241,11 @@ def load_state_dict_safely(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _load_weights_into(model: Any, state: dict[str, Any], origin: str) -> None:
     """Load ``state`` strictly, after open_clip's own key/shape conversions for older layouts."""
     from open_clip.convert import convert_state_dict
-    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+    from open_clip.model import (
+        convert_to_custom_text_state_dict,
+        resize_pos_embed,
+        resize_text_pos_embed,
+    )
 
     state = convert_state_dict(model, dict(state))
     if "positional_embedding" in state and not hasattr(model, "positional_embedding"):

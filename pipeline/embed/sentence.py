@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -195,3 +197,54 @@ def model_digest(name_or_path: str | os.PathLike[str] | None = None) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+class WeightsMismatch(RuntimeError):
+    """A worker loaded weights whose digest differs from the one the driver recorded."""
+
+
+def check_digest(actual: str, expected: str | None, what: str) -> None:
+    if expected is not None and actual != expected:
+        raise WeightsMismatch(
+            f"{what}: this worker loaded weights with digest {actual[:16]}... but the job was "
+            f"planned with {expected[:16]}...; the model files changed while the job ran, or "
+            "workers see different files. Re-run once every worker sees the same weights."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# sentence-transformers
+# --------------------------------------------------------------------------------------------
+
+_SENTENCE_CACHE: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_sentence_lock = threading.Lock()
+
+
+def shared_sentence_model(name_or_path: str | None = None, device: str | None = None) -> Any:
+    """A sentence-transformers model loaded once per process (offline).
+
+    The driver (for the digest), the RunInference workers of an in-process run and the stages that
+    embed labels share it.
+    """
+    key = (resolve_model_path(name_or_path), pick_device(device))
+    with _sentence_lock:
+        if key in _SENTENCE_CACHE:
+            _SENTENCE_CACHE.move_to_end(key)
+            return _SENTENCE_CACHE[key]
+        model = load_sentence_embedder(key[0], device=key[1])
+        model.eval()
+        _SENTENCE_CACHE[key] = model
+        while len(_SENTENCE_CACHE) > 2:
+            _SENTENCE_CACHE.popitem(last=False)
+        return model
+
+
+def sentence_weights_digest(model: Any) -> str:
+    """:func:`pipeline.embed.clip.weights_digest` of a sentence model, memoised on the object."""
+    from pipeline.embed.clip import weights_digest
+
+    digest = getattr(model, "_thresher_weights_digest", None)
+    if digest is None:
+        digest = weights_digest(model)
+        model._thresher_weights_digest = digest  # weights never change after loading
+    return digest

@@ -3,7 +3,7 @@
 Tagging wants a vector of what the user asked, quality scoring wants the instruction and the
 answer apart, the index and MIG want the whole conversation. Encoding each of those texts on its
 own runs the transformer three times over mostly the same tokens. Here the conversation text
-(:func:`conversation_spans`, the same text :func:`pipeline.embed.stage.conversation_text` makes)
+(:func:`conversation_spans`, the same text :func:`pipeline.stages.embeddings.conversation_text` makes)
 is encoded once and its token states are mean-pooled three ways:
 
 * ``whole``  — every token (exactly what sentence-transformers' mean pooling computes, so the

@@ -242,7 +242,7 @@ def build_int8(st_model: Any, folder: Path) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from pipeline.embed.handlers import sentence_weights_digest
+    from pipeline.embed.sentence import sentence_weights_digest
 
     config = next(iter(st_model)).auto_model.config
     fp32 = folder / "fp32.onnx"
@@ -349,7 +349,7 @@ def build_static(st_model: Any, model_path: str, folder: Path) -> dict[str, Any]
         raise ValueError(f"the static tier is distilled from a local model folder; {model_path!r} is not one")
     from model2vec.distill import distill
 
-    from pipeline.embed.handlers import sentence_weights_digest
+    from pipeline.embed.sentence import sentence_weights_digest
     from pipeline.embed.spans import pool
 
     static = distill(model_path, device="cpu", **STATIC_DISTILL)
@@ -458,7 +458,7 @@ class Fp32TokenEncoder:
     tier = "fp32"
 
     def __init__(self, st_model: Any) -> None:
-        from pipeline.embed.handlers import sentence_weights_digest
+        from pipeline.embed.sentence import sentence_weights_digest
         from pipeline.embed.spans import TorchTokenEncoder
 
         self.inner = TorchTokenEncoder(st_model)
@@ -488,7 +488,7 @@ def load_token_encoder(tier: str = "fp32", model: str | os.PathLike[str] | None 
     caller already knows it (a Beam worker gets it from the driver): a derived tier already in
     the cache for that digest then loads without loading the fp32 model at all; otherwise the
     fp32 model is loaded, and a digest that differs raises
-    :class:`pipeline.embed.handlers.WeightsMismatch`.
+    :class:`pipeline.stages.model_handlers.WeightsMismatch`.
 
     Every encoder has ``tier``, ``dim``, ``digest`` (fp32: the fp32 weights digest; derived tiers:
     a sha256 of the built files, which differ per tier and build recipe), ``max_tokens`` and
@@ -508,7 +508,7 @@ def load_token_encoder(tier: str = "fp32", model: str | os.PathLike[str] | None 
             encoder = _load(tier, path, device, threads, fp32_digest)
             _ENCODERS[key] = encoder
     if fp32_digest is not None and encoder.fp32_digest != fp32_digest:
-        from pipeline.embed.handlers import WeightsMismatch
+        from pipeline.embed.sentence import WeightsMismatch
 
         raise WeightsMismatch(f"{tier} tier of {path}: derived from fp32 weights {encoder.fp32_digest[:16]}... "
                               f"but {fp32_digest[:16]}... was expected")
@@ -520,12 +520,12 @@ _BUILDS = {"int8": INT8_BUILD, "static": STATIC_BUILD}
 
 def _load(tier: str, path: str, device: str | None, threads: int | None, known_digest: str | None) -> Any:
     if known_digest is not None and tier != "fp32":
-        # Lean path: nothing here imports torch or transformers (pipeline.embed.handlers does).
+        # Lean path: nothing here imports torch or transformers (pipeline.stages.model_handlers does).
         folder = tier_folder(_BUILDS[tier], known_digest)
         manifest = _read_manifest(folder)
         if manifest is not None and manifest.get("fp32_digest") == known_digest:
             return _open(tier, folder, manifest, threads)
-    from pipeline.embed.handlers import (
+    from pipeline.embed.sentence import (
         WeightsMismatch,
         sentence_weights_digest,
         shared_sentence_model,

@@ -24,6 +24,7 @@ from pipeline.select.cabs_schedule import (  # noqa: F401 - the planner is impor
     plan_batches,
 )
 
+
 class CabsBatchSampler(Sampler[list[int]]):
     """Yields CABS batches (lists of dataset indices): pass it as ``batch_sampler=`` to a DataLoader.
 

@@ -18,7 +18,14 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.select.cabs import REFERENCE_CAP, CabsResult, ConceptTable, DmMode, batch_size_for, select_batch
+from pipeline.select.cabs import (
+    REFERENCE_CAP,
+    CabsResult,
+    ConceptTable,
+    DmMode,
+    batch_size_for,
+    select_batch,
+)
 
 Method = Literal["dm", "fm"]
 ConceptInput = ConceptTable | Sequence[Sequence[int]] | Sequence[Sequence[str]]

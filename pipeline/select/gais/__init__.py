@@ -1,6 +1,13 @@
 """GAIS: graph attention-based instance selection (see docs/gais.md)."""
 
-from pipeline.select.gais.gat import GAT, GATConfig, GATLayer, GATResult, segment_softmax, train_gat
+from pipeline.select.gais.gat import (
+    GAT,
+    GATConfig,
+    GATLayer,
+    GATResult,
+    segment_softmax,
+    train_gat,
+)
 from pipeline.select.gais.graphs import (
     VARIANTS,
     Graph,

@@ -28,11 +28,26 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import schemas
-from pipeline.annotate.llm import QUALITY_PROMPT_VERSION, TAG_PROMPT_VERSION, LLMAnnotator, LLMConfig
-from pipeline.annotate.quality import SCORER_VERSION, OfflineQualityScorer, combine_rounds, on_topic_from_spans
-from pipeline.annotate.tags import TAGGER_VERSION, OfflineTagger, TaggerConfig, load_tag_vocabulary
-from pipeline.beam.stage import ShardFn, StageResult, run_shard_stage
+from pipeline.annotate.llm import (
+    QUALITY_PROMPT_VERSION,
+    TAG_PROMPT_VERSION,
+    LLMAnnotator,
+    LLMConfig,
+)
+from pipeline.annotate.quality import (
+    SCORER_VERSION,
+    OfflineQualityScorer,
+    combine_rounds,
+    on_topic_from_spans,
+)
+from pipeline.annotate.tags import (
+    TAGGER_VERSION,
+    OfflineTagger,
+    TaggerConfig,
+    load_tag_vocabulary,
+)
 from pipeline.io.catalog import Catalog
+from pipeline.stages.shards import ShardFn, StageResult, run_shard_stage
 
 OFFLINE_TAGS, LLM_TAGS = "offline_tags", "llm_tags"
 OFFLINE_QUALITY, LLM_QUALITY = "offline_quality", "llm_quality"
@@ -179,8 +194,8 @@ def _stored_embeddings(cat: Catalog, dataset: str, embed_model: str | None, tier
                        beam_args: list[str] | None) -> tuple[Path, list[dict[str, Any]]]:
     """The dataset's text embeddings (made now if missing or stale: the one text pass that tags,
     quality, the index and MIG all reuse), and their fingerprint for the caller's skip test."""
-    from pipeline.beam.stage import input_shards, shard_fingerprint
-    from pipeline.embed.stage import run_text_embedding
+    from pipeline.stages.embeddings import run_text_embedding
+    from pipeline.stages.shards import input_shards, shard_fingerprint
 
     result = run_text_embedding(cat.root, dataset, embed_model, workers=workers, beam_args=beam_args, tier=tier)
     partition = Path(result.output)

@@ -27,7 +27,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from pipeline.beam.progress import verbose
+from pipeline.stages.progress import verbose
 
 
 def make_pipeline_options(workers: int = 1, beam_args: list[str] | None = None) -> PipelineOptions:
@@ -48,10 +48,10 @@ def run_pipeline(build: Callable[[beam.Pipeline], Any], options: PipelineOptions
                  progress_dir: str | os.PathLike[str] | None = None) -> Any:
     """Build and run a pipeline to completion; returns the runner's result (for metrics).
 
-    ``progress_dir`` (a :func:`pipeline.beam.progress.watch` folder) is stamped onto every
+    ``progress_dir`` (a :func:`pipeline.stages.progress.watch` folder) is stamped onto every
     Thresher DoFn of the pipeline, so that ``progress.tick(self, n)`` in their ``process``
     reports there, in whichever process or machine they run. Local multi-process runs start
-    their SDK workers quietly unless ``THRESHER_VERBOSE`` is set (:mod:`pipeline.beam.quiet_worker`).
+    their SDK workers quietly unless ``THRESHER_VERBOSE`` is set (:mod:`pipeline.stages.quiet_worker`).
     """
     runner = None
     direct = options.view_as(DirectOptions)
@@ -64,7 +64,7 @@ def run_pipeline(build: Callable[[beam.Pipeline], Any], options: PipelineOptions
 
             # Beam's own worker command for this mode, with our quiet entry point; the mode is
             # cleared for the run (and restored below) so that Beam does not put its own back.
-            command = f"{shlex.quote(sys.executable)} -m pipeline.beam.quiet_worker"
+            command = f"{shlex.quote(sys.executable)} -m pipeline.stages.quiet_worker"
             runner = FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
             direct.direct_running_mode = None
         else:
@@ -82,10 +82,10 @@ def run_pipeline(build: Callable[[beam.Pipeline], Any], options: PipelineOptions
 
 
 def _stamp_progress(p: beam.Pipeline, folder: str) -> None:
-    """Give every DoFn that is not Beam's own the progress folder (see pipeline.beam.progress)."""
+    """Give every DoFn that is not Beam's own the progress folder (see pipeline.stages.progress)."""
     from apache_beam.pipeline import PipelineVisitor
 
-    from pipeline.beam.progress import DOFN_ATTR
+    from pipeline.stages.progress import DOFN_ATTR
 
     class Stamp(PipelineVisitor):
         def visit_transform(self, node) -> None:

@@ -14,27 +14,13 @@ from two different sets of weights.
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler
 
-from pipeline.embed.clip import ClipModel, embed_captions, embed_images, shared_clip, weights_digest
-
-
-class WeightsMismatch(RuntimeError):
-    """A worker loaded weights whose digest differs from the one the driver recorded."""
-
-
-def _check_digest(actual: str, expected: str | None, what: str) -> None:
-    if expected is not None and actual != expected:
-        raise WeightsMismatch(
-            f"{what}: this worker loaded weights with digest {actual[:16]}... but the job was "
-            f"planned with {expected[:16]}...; the model files changed while the job ran, or "
-            "workers see different files. Re-run once every worker sees the same weights."
-        )
+from pipeline.embed.clip import ClipModel, embed_captions, embed_images, shared_clip
+from pipeline.embed.sentence import check_digest
 
 
 def _batching(batch_size: int, min_batch_size: int | None) -> dict[str, int]:
@@ -46,43 +32,6 @@ def _batching(batch_size: int, min_batch_size: int | None) -> dict[str, int]:
     # BatchElements adapts sizes between the bounds; min == max gives the fixed batches a
     # plain loop would use, which is what the model is tuned for.
     return {"min_batch_size": low, "max_batch_size": batch_size}
-
-
-# --------------------------------------------------------------------------------------------
-# sentence-transformers
-# --------------------------------------------------------------------------------------------
-
-_SENTENCE_CACHE: OrderedDict[tuple[str, str], Any] = OrderedDict()
-_sentence_lock = threading.Lock()
-
-
-def shared_sentence_model(name_or_path: str | None = None, device: str | None = None) -> Any:
-    """A sentence-transformers model loaded once per process (offline; see pipeline.embed.sentence).
-
-    The driver (for the digest) and the RunInference workers of an in-process run share it.
-    """
-    from pipeline.embed.sentence import load_sentence_embedder, pick_device, resolve_model_path
-
-    key = (resolve_model_path(name_or_path), pick_device(device))
-    with _sentence_lock:
-        if key in _SENTENCE_CACHE:
-            _SENTENCE_CACHE.move_to_end(key)
-            return _SENTENCE_CACHE[key]
-        model = load_sentence_embedder(key[0], device=key[1])
-        model.eval()
-        _SENTENCE_CACHE[key] = model
-        while len(_SENTENCE_CACHE) > 2:
-            _SENTENCE_CACHE.popitem(last=False)
-        return model
-
-
-def sentence_weights_digest(model: Any) -> str:
-    """:func:`pipeline.embed.clip.weights_digest` of a sentence model, memoised on the object."""
-    digest = getattr(model, "_thresher_weights_digest", None)
-    if digest is None:
-        digest = weights_digest(model)
-        model._thresher_weights_digest = digest  # weights never change after loading
-    return digest
 
 
 class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
@@ -120,7 +69,7 @@ class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
         encoder = load_token_encoder(self.tier, self.model_ref, self.device,
                                      threads=worker_threads(self.local_workers) if self.local_workers > 1 else None,
                                      fp32_digest=self.fp32_digest)
-        _check_digest(encoder.digest, self.expected_digest, f"text model {self.model_ref} ({self.tier})")
+        check_digest(encoder.digest, self.expected_digest, f"text model {self.model_ref} ({self.tier})")
         return encoder
 
     def run_inference(
@@ -171,7 +120,7 @@ class _ClipHandler(ModelHandler[Any, np.ndarray, ClipModel]):
 
     def load_model(self) -> ClipModel:
         clip = shared_clip(self.model_name, self.pretrained, self.device, seed=self.seed, cache_dir=self.cache_dir)
-        _check_digest(clip.weights_digest, self.expected_digest, f"CLIP {self.model_name} ({clip.source})")
+        check_digest(clip.weights_digest, self.expected_digest, f"CLIP {self.model_name} ({clip.source})")
         return clip
 
 

@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
-from pipeline.beam import progress
-from pipeline.beam.stage import StageResult, input_shards, run_stage
 from pipeline.embed.sentence import text_model_key
 from pipeline.embed.spans import conversation_spans
 from pipeline.io.catalog import Catalog, write_parquet_atomic
+from pipeline.stages import progress
+from pipeline.stages.shards import StageResult, input_shards, run_stage
 
 CLIP_SCORE_ANNOTATOR = "clip_score"
 TEXT_RECIPE_VERSION = 2  # bump when conversation_spans changes what it produces (2: span vectors)
@@ -291,7 +291,12 @@ def run_text_embedding(
     :mod:`pipeline.embed.spans`). Skips, without loading the model, when the samples, the model
     files and the settings are unchanged and the output is intact (unless ``force``).
     """
-    from pipeline.embed.sentence import model_files_fingerprint, pick_batch_size, pick_device, resolve_model_path
+    from pipeline.embed.sentence import (
+        model_files_fingerprint,
+        pick_batch_size,
+        pick_device,
+        resolve_model_path,
+    )
 
     cat = Catalog.at(catalog)
     source = cat.samples_partition("instruction", dataset)
@@ -305,10 +310,12 @@ def run_text_embedding(
                   "max_chars": max_chars, "normalized": True, "recipe": TEXT_RECIPE_VERSION}
 
     def expand(shard_paths: beam.PCollection, staging: Path) -> Any:
-        from apache_beam.ml.inference.base import RunInference  # imports torch: only when the stage runs
+        from apache_beam.ml.inference.base import (
+            RunInference,  # imports torch: only when the stage runs
+        )
 
-        from pipeline.embed.handlers import SpanEmbeddingHandler, keyed
         from pipeline.embed.tiers import load_token_encoder
+        from pipeline.stages.model_handlers import SpanEmbeddingHandler, keyed
 
         encoder = load_token_encoder(tier, model_ref, device)
         chars = max_chars or CHARS_PER_TOKEN * encoder.max_tokens
@@ -401,9 +408,15 @@ def run_clip_embedding(
                   "outputs": {k: v.relative_to(cat.root).as_posix() for k, v in outputs.items()}}
 
     def expand(shard_paths: beam.PCollection, staging: dict[str, Path]) -> Any:
-        from apache_beam.ml.inference.base import RunInference  # imports torch: only when the stage runs
+        from apache_beam.ml.inference.base import (
+            RunInference,  # imports torch: only when the stage runs
+        )
 
-        from pipeline.embed.handlers import ClipImageEmbeddingHandler, ClipTextEmbeddingHandler, keyed
+        from pipeline.stages.model_handlers import (
+            ClipImageEmbeddingHandler,
+            ClipTextEmbeddingHandler,
+            keyed,
+        )
 
         clip = load()
         digest, dim = clip.weights_digest, clip.embed_dim

@@ -1,6 +1,6 @@
-"""Entry point of quiet local SDK workers: ``python -m pipeline.beam.quiet_worker``.
+"""Entry point of quiet local SDK workers: ``python -m pipeline.stages.quiet_worker``.
 
-:func:`pipeline.beam.runner.run_pipeline` starts the worker processes of a local multi-process
+:func:`pipeline.stages.runner.run_pipeline` starts the worker processes of a local multi-process
 run (``--workers N``) with this command instead of Beam's ``python -m
 apache_beam.runners.worker.sdk_worker_main``, unless ``THRESHER_VERBOSE`` is set. Nothing here
 may import Beam before the logging set-up below: Beam logs a warning at import time.
@@ -36,7 +36,7 @@ def main() -> None:
     try:
         sdk_worker_main.main(sys.argv)
     finally:
-        from pipeline.beam.progress import flush_all
+        from pipeline.stages.progress import flush_all
 
         flush_all()
 

@@ -26,10 +26,10 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.beam import progress
-from pipeline.beam.runner import make_pipeline_options, run_pipeline
 from pipeline.io.catalog import Catalog, write_parquet_atomic
 from pipeline.io.runs import StageRun
+from pipeline.stages import progress
+from pipeline.stages.runner import make_pipeline_options, run_pipeline
 
 
 class ShardFn:

@@ -14,7 +14,7 @@ catalog is where they write their outputs):
   logs a progress line about every 10 s through Prefect's run logger. The bar is shown when
   stderr is a terminal; ``THRESHER_PROGRESS=1`` forces it on, ``THRESHER_PROGRESS=0`` off.
 
-A DoFn finds its progress folder without any constructor argument: :func:`pipeline.beam.runner.
+A DoFn finds its progress folder without any constructor argument: :func:`pipeline.stages.runner.
 run_pipeline` stamps the folder onto every Thresher DoFn of the pipeline before it runs (the
 attribute is pickled with the DoFn, so it reaches every worker). ``tick(self, n)`` in a DoFn's
 ``process`` is all a stage needs; outside such a run it does nothing.
@@ -183,7 +183,7 @@ def verbose() -> bool:
     """True when Beam's own logging should be shown (``thresher --verbose`` sets THRESHER_VERBOSE=1).
 
     Then local multi-process runs start their SDK workers with Beam's own command, start-up
-    lines and all (see :func:`pipeline.beam.runner.run_pipeline`).
+    lines and all (see :func:`pipeline.stages.runner.run_pipeline`).
     """
     return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 

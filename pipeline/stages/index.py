@@ -33,7 +33,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import schemas
-from pipeline.beam.stage import input_shards, shard_fingerprint
 from pipeline.index.faiss_index import (
     MIN_NPROBE,
     NLIST_PER_SQRT_N,
@@ -49,8 +48,14 @@ from pipeline.index.faiss_index import (
     l2_normalize,
 )
 from pipeline.index.semdedup import semdedup
-from pipeline.io.catalog import Catalog, shard_name, write_json_atomic, write_parquet_atomic
+from pipeline.io.catalog import (
+    Catalog,
+    shard_name,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from pipeline.io.runs import StageRun
+from pipeline.stages.shards import input_shards, shard_fingerprint
 
 SOURCE_FILE = "source.json"
 PQ_TRAIN_POINTS = 100_000  # spec_for_kind: training rows for a PQ index (all rows when fewer)  # next to the index: which embeddings (and weights) it was built from

@@ -28,14 +28,30 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas
-from pipeline.beam import progress
-from pipeline.beam.runner import make_pipeline_options, run_pipeline
-from pipeline.io.catalog import (SAMPLE_TABLE, Catalog, check_name, shard_name, table_from_rows, write_json_atomic,
-                                 write_parquet_atomic)
+from pipeline.io.catalog import (
+    SAMPLE_TABLE,
+    Catalog,
+    check_name,
+    shard_name,
+    table_from_rows,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from pipeline.io.records import ANNOTATION_TABLES, LINEAGE_KEYS, parse_chunk
-from pipeline.io.sample_id import shard_of
 from pipeline.io.runs import StageRun, failpoint
-from pipeline.io.sources import IMAGE_TEXT, Chunk, ReadLimits, Unit, input_fingerprint, plan_units, read_chunks, split_unit
+from pipeline.io.sample_id import shard_of
+from pipeline.io.sources import (
+    IMAGE_TEXT,
+    Chunk,
+    ReadLimits,
+    Unit,
+    input_fingerprint,
+    plan_units,
+    read_chunks,
+    split_unit,
+)
+from pipeline.stages import progress
+from pipeline.stages.runner import make_pipeline_options, run_pipeline
 
 log = logging.getLogger(__name__)
 

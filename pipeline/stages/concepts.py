@@ -27,8 +27,8 @@ from pipeline.annotate.concepts import (
     ClipConceptTagger,
 )
 from pipeline.annotate.vocabulary import Vocabulary, load_vocabulary
-from pipeline.beam.stage import ShardFn, StageResult, run_shard_stage
 from pipeline.io.catalog import Catalog
+from pipeline.stages.shards import ShardFn, StageResult, run_shard_stage
 
 CAPTION_TABLE = "caption_concepts"
 CLIP_TABLE = "clip_concepts"
