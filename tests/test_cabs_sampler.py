@@ -127,6 +127,45 @@ def test_iterable_dataset_yields_each_batch_once(workers: int) -> None:
     assert len(wrapped) == 10
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_share_each_global_batch_disjointly(world_size: int) -> None:
+    single = list(CabsBatchSampler(ROWS, 300, 0.8, seed=5, epochs=2))
+    per_rank = [list(CabsBatchSampler(ROWS, 300, 0.8, seed=5, epochs=2, rank=r, world_size=world_size))
+                for r in range(world_size)]
+    assert len({len(batches) for batches in per_rank}) == 1  # same number of steps on every rank (DDP)
+    for step, global_batch in enumerate(single):
+        parts = [batches[step] for batches in per_rank]
+        assert [i for part in parts for i in part] == global_batch  # disjoint, together the whole batch
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_set_epoch_moves_every_rank_together() -> None:
+    ranks = [CabsBatchSampler(ROWS, 300, 0.8, seed=5, rank=r, world_size=2) for r in range(2)]
+    first = [list(s) for s in ranks]
+    for s in ranks:
+        s.set_epoch(1)
+    second = [list(s) for s in ranks]
+    assert first != second
+    assert not set(map(tuple, second[0])) & set(map(tuple, second[1]))
+
+
+def test_iterable_dataset_ranks_and_workers() -> None:
+    ds = ToyDataset(ROWS)
+    seen = []
+    for r in range(2):
+        wrapped = CabsIterableDataset(ds, 200, 0.8, seed=6, collate_fn=torch.stack, rank=r, world_size=2)
+        seen.append(sorted(tuple(b[:, 0].tolist()) for b in DataLoader(wrapped, batch_size=None, num_workers=2)))
+    halves = sorted(tuple(b) for r in range(2) for b in CabsBatchSampler(ROWS, 200, 0.8, seed=6, rank=r, world_size=2))
+    assert sorted(seen[0] + seen[1]) == halves
+
+
+def test_rank_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="rank"):
+        CabsBatchSampler(ROWS, 300, 0.8, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="cannot be shared"):
+        CabsBatchSampler(ROWS, 10, 0.5, world_size=8)
+
+
 def test_names_and_tables_are_accepted() -> None:
     names = [[f"c{c}" for c in r] for r in ROWS]
     by_name = list(CabsBatchSampler(names, 250, 0.8, seed=1))
