@@ -25,7 +25,8 @@ from pipeline.io import image_sources
 from pipeline.io.image_records import concept_row
 from pipeline.io.records import parse_chunk
 from pipeline.io.sample_id import image_text_id
-from pipeline.io.sources import IMAGE_TEXT, ReadLimits, plan_units, read_chunks
+from pipeline.io.sources import plan_units, read_chunks
+from pipeline.io.units import IMAGE_TEXT, ReadLimits
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "image_text"

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io.catalog import Catalog
-from pipeline.io.sources import ReadLimits
+from pipeline.io.units import ReadLimits
 from pipeline.stages import ingest as ingest_mod
 from pipeline.stages.ingest import run_ingest
 

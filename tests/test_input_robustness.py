@@ -22,23 +22,17 @@ import pytest
 
 from pipeline.io import instruction_formats
 from pipeline.io.catalog import Catalog
-from pipeline.io.records import parse_chunk
-from pipeline.io.rejects import JobError, RecordRejected
-from pipeline.io.sources import (
-    IMAGE_TEXT,
-    INSTRUCTION,
+from pipeline.io.json_stream import (
     MAX_JSON_DEPTH,
-    Chunk,
-    RawItem,
-    Unit,
     check_json_depth,
     decode_json_line,
     iter_json_elements,
     json_depth,
-    plan_units,
-    read_chunks,
-    sniff_instruction_container,
 )
+from pipeline.io.records import parse_chunk
+from pipeline.io.rejects import JobError, RecordRejected
+from pipeline.io.sources import plan_units, read_chunks, sniff_instruction_container
+from pipeline.io.units import IMAGE_TEXT, INSTRUCTION, Chunk, RawItem, Unit
 from pipeline.stages.ingest import run_ingest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,7 +312,7 @@ def test_a_truncated_json_array_keeps_what_was_complete(tmp_path):
 
 
 def test_the_json_array_size_limit_still_holds(tmp_path):
-    from pipeline.io.sources import ReadLimits
+    from pipeline.io.units import ReadLimits
 
     (tmp_path / "a.json").write_text(json.dumps(_real_rows(3)))
     unit, = plan_units([tmp_path / "a.json"], INSTRUCTION)

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipeline.io.sources import ReadLimits
+    from pipeline.io.units import ReadLimits
     from pipeline.stages.ingest import run_ingest
 
     options = {}

@@ -22,9 +22,10 @@ from PIL import Image, ImageFile
 
 from pipeline.io.image_sources import DATACONCEPT_FIELDS
 from pipeline.io.instruction_formats import metadata_json
+from pipeline.io.json_stream import loads_json
 from pipeline.io.rejects import JobError, RecordRejected
 from pipeline.io.sample_id import image_text_id
-from pipeline.io.sources import RawItem, ReadLimits, Unit, loads_json
+from pipeline.io.units import RawItem, ReadLimits, Unit
 
 INPUT_ANNOTATOR = "input"
 

@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from pipeline.io.json_stream import iter_json_elements, loads_json
 from pipeline.io.rejects import RecordRejected, Reject
-from pipeline.io.sources import (
+from pipeline.io.units import (
     IMAGE_EXTENSIONS,
     IMAGE_TEXT,
     UTF8_BOM,
@@ -47,8 +48,6 @@ from pipeline.io.sources import (
     RawItem,
     ReadLimits,
     Unit,
-    iter_json_elements,
-    loads_json,
 )
 
 CONTAINERS = ("image_folder", "webdataset", "parquet", "nlvr")

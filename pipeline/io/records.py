@@ -10,16 +10,10 @@ import json
 from dataclasses import dataclass, field
 
 from pipeline.io import instruction_formats
+from pipeline.io.json_stream import decode_json_line
 from pipeline.io.rejects import JobError, RecordRejected, Reject
 from pipeline.io.sample_id import conversation_id
-from pipeline.io.sources import (
-    IMAGE_TEXT,
-    Chunk,
-    RawItem,
-    ReadLimits,
-    Unit,
-    decode_json_line,
-)
+from pipeline.io.units import IMAGE_TEXT, Chunk, RawItem, ReadLimits, Unit
 
 # Annotation tables an ingest can fill from what the input itself carries.
 INPUT_ANNOTATOR = "input"

@@ -40,16 +40,8 @@ from pipeline.io.catalog import (
 from pipeline.io.records import ANNOTATION_TABLES, LINEAGE_KEYS, parse_chunk
 from pipeline.io.runs import StageRun, failpoint
 from pipeline.io.sample_id import shard_of
-from pipeline.io.sources import (
-    IMAGE_TEXT,
-    Chunk,
-    ReadLimits,
-    Unit,
-    input_fingerprint,
-    plan_units,
-    read_chunks,
-    split_unit,
-)
+from pipeline.io.sources import input_fingerprint, plan_units, read_chunks, split_unit
+from pipeline.io.units import IMAGE_TEXT, Chunk, ReadLimits, Unit
 from pipeline.stages import progress
 from pipeline.stages.runner import make_pipeline_options, run_pipeline
 

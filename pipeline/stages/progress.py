@@ -373,7 +373,7 @@ def estimate_rows(units: list[Any], sample_bytes: int = 1 << 20) -> int | None:
 def _unit_rows(unit: Any, sample_bytes: int) -> int | None:
     path = Path(unit.uri)
     if unit.container == "image_folder":
-        from pipeline.io.sources import IMAGE_EXTENSIONS
+        from pipeline.io.units import IMAGE_EXTENSIONS
 
         count = 0
         for _, dirs, files in os.walk(path):
