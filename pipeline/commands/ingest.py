@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pipeline.commands import add_catalog_argument
 
 NAME = "ingest"
 HELP = "ingest instruction or image-text files into the catalog (a Beam job; Beam pipeline options such as --runner pass through)"
 PASSES_EXTRA_ARGS = True
+OBJECT_STORAGE = True  # --catalog may be an s3:// (any fsspec) URL: docs/object_storage.md
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
                         layout=args.layout, options=options, num_shards=args.shards, workers=args.workers,
                         beam_args=beam_args, limits=limits, force=args.force)
     print(result.summary())
-    print(f"  run ledger: {Path(result.catalog) / 'runs' / (result.run_id + '.json')}")
+    print(f"  run ledger: {result.catalog.rstrip('/')}/runs/{result.run_id}.json")
     counts = result.counts
     if counts.get("samples", 0) == 0 and counts.get("rejects", 0) > 0:
         print(all_rejected_message(counts), file=sys.stderr)
@@ -86,7 +86,8 @@ def _reject_examples(catalog: str, dataset: str, counts: dict, per_reason: int =
 
         from pipeline.io.catalog import Catalog
 
-        part = Catalog.at(catalog).partition("rejects", dataset)
+        cat = Catalog.at(catalog)
+        part = cat.local_input(cat.partition("rejects", dataset))  # downloaded if on object storage
         table = pads.dataset(str(part), format="parquet").to_table(columns=["reason", "detail"])
     except Exception:  # noqa: BLE001 - the examples are a courtesy; the line above already said it all
         return []

@@ -17,6 +17,11 @@ Atomicity: a file is written under a temporary name in the same folder and renam
 a stage's outputs are built in its private staging area and swapped in together through a commit
 journal (``pipeline.io.runs``), which the next process to open the catalog finishes if a crash cut
 it short. User-chosen names are checked, never rewritten, and can never reach the private areas.
+
+A catalog may also live on object storage (``Catalog.at("s3://bucket/cat")``, any fsspec URL):
+``root`` is then a local working folder (staging, locks, downloaded inputs; see
+``pipeline.io.storage.cache_dir``) whose paths name the same tables, ``url`` is the catalog, and
+commits go through one manifest object (``pipeline.io.storage``, ``docs/object_storage.md``).
 """
 
 from __future__ import annotations
@@ -106,20 +111,78 @@ def shard_name(index: int, count: int) -> str:
     return f"part-{index:05d}-of-{count:05d}.parquet"
 
 
+REMOTE_MARKER = "_object_storage.json"  # in a URL catalog's local working folder: which URL
+
+
 @dataclass(frozen=True)
 class Catalog:
     root: Path
+    url: str | None = None  # set for a catalog on object storage; root is then its local working folder
 
     @classmethod
     def at(cls, root: str | os.PathLike) -> "Catalog":
         from pipeline.io.runs import recover
+        from pipeline.io.storage import cache_dir, is_url
 
+        if is_url(root):
+            url = os.fspath(root).rstrip("/")
+            work = cache_dir(url)
+            work.mkdir(parents=True, exist_ok=True)
+            marker = work / REMOTE_MARKER
+            if not marker.is_file():
+                write_json_atomic({"url": url}, marker)
+            recover(work)  # staging areas of dead local runs (commits there never half-apply)
+            return cls(work, url)
         path = Path(root).expanduser().resolve()
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(f"catalog path {path} is a file, not a folder")
+        if (path / REMOTE_MARKER).is_file():
+            # Code that re-opens ``cat.root`` of a URL catalog gets the URL catalog back, never a
+            # local catalog in its working folder.
+            return cls.at(json.loads((path / REMOTE_MARKER).read_text())["url"])
         path.mkdir(parents=True, exist_ok=True)
         recover(path)  # finish any commit a crashed run left half-applied
         return cls(path)
+
+    # ------------------------------------------------------------ object storage
+    @property
+    def is_remote(self) -> bool:
+        return self.url is not None
+
+    @property
+    def location(self) -> str:
+        """What to show a user: the URL of an object-storage catalog, else the folder."""
+        return self.url or str(self.root)
+
+    @property
+    def storage(self):
+        from pipeline.io.storage import storage_for
+
+        if self.url is None:
+            raise ValueError(f"catalog {self.root} is a local folder, not object storage")
+        return storage_for(self.url)
+
+    def rel(self, path: Path) -> str:
+        return Path(path).relative_to(self.root).as_posix()
+
+    def local_input(self, partition: Path) -> Path:
+        """A local folder holding ``partition``'s committed files, to read as stage input.
+
+        The folder itself for a local catalog; for a URL catalog the current version, downloaded
+        once into the working folder (a path that does not exist when nothing is committed).
+        """
+        if not self.is_remote:
+            return Path(partition)
+        got = self.storage.download(self.rel(partition), self.root / "_inputs")
+        return got if got is not None else Path(partition)
+
+    def require_local(self, what: str) -> None:
+        """Stop at once, with one clear line, where ``what`` cannot work on object storage yet."""
+        if self.is_remote:
+            from pipeline.io.storage import ObjectStorageUnsupported
+
+            raise ObjectStorageUnsupported(f"{what} does not support object-storage catalogs yet ({self.url});"
+                                           " use a local catalog folder")
 
     # ------------------------------------------------------------ paths
     def table_dir(self, table: str) -> Path:
@@ -164,17 +227,35 @@ class Catalog:
         missing = [k for k in schemas.RUN_LEDGER_KEYS if k not in entry]
         if missing:
             raise ValueError(f"ledger entry lacks {missing}")
+        if self.is_remote:
+            self.storage.write_json(self.rel(self.ledger_path(entry["run_id"])), entry)
+            return self.ledger_path(entry["run_id"])
         return write_json_atomic(entry, self.ledger_path(entry["run_id"]))
 
     def read_state(self, stage: str, dataset: str) -> dict[str, Any] | None:
         path = self.state_path(stage, dataset)
+        if self.is_remote:
+            return self.storage.read_json(self.rel(path))
         return json.loads(path.read_text()) if path.exists() else None
 
     def write_state(self, stage: str, dataset: str, state: dict[str, Any]) -> Path:
+        if self.is_remote:
+            self.storage.write_json(self.rel(self.state_path(stage, dataset)), state)
+            return self.state_path(stage, dataset)
         return write_json_atomic(state, self.state_path(stage, dataset))
 
     def row_count(self, table: str, dataset: str | None = None) -> int:
         base = self.partition(table, dataset) if dataset else self.table_dir(table)
+        if self.is_remote:
+            storage, prefix = self.storage, self.rel(base)
+            total = 0
+            for rel, entry in storage.current().items():
+                if rel == prefix or rel.startswith(prefix + "/"):
+                    for path in storage.folder_files(rel, entry):
+                        if path.rsplit("/", 1)[-1].startswith("part-") and path.endswith(".parquet"):
+                            with storage.fs.open(path, "rb") as fh:
+                                total += pq.ParquetFile(fh).metadata.num_rows
+            return total
         if not base.exists():
             return 0
         return sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(base.rglob("part-*.parquet")))

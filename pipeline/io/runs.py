@@ -21,6 +21,12 @@ staging area and the staged one renamed into place. A crash before the journal e
 old state (the staging area is an orphan, removed by the next run on the same key). A crash after
 it is rolled *forward* by whoever opens the catalog next (``recover``): every step is a rename
 that can be replayed, so readers end up with either the whole old or the whole new output set.
+
+On an object-storage catalog (``Catalog.at("s3://...")``) the run stages locally exactly the same
+way (in the catalog's local working folder), and the commit uploads the staged folders to fresh
+version prefixes and then switches one manifest object with a conditional PUT
+(``pipeline.io.storage``): there is no journal to replay, a crash before the switch leaves the old
+version current. Only the stages in ``REMOTE_STAGES`` run there; others stop at once.
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ REPLACED = "_replaced"
 # removed once it is this old.
 OWNERLESS_GRACE_S = 3600.0
 TAIL_BYTES = 1 << 16  # holds a Parquet footer; what a verified skip re-reads per file
+# Stages that run on an object-storage catalog: those whose inputs are read through
+# ``Catalog.local_input`` (ingest reads local files). Any other stops before doing anything.
+REMOTE_STAGES = frozenset({"ingest", "annotate_quality", "annotate_tags"})
 
 
 class CatalogBusy(BlockingIOError):
@@ -263,6 +272,9 @@ class StageRun:
                  parameters: dict[str, Any], inputs: Any, *, force: bool = False,
                  key: str | None = None, ledger_parameters: dict[str, Any] | None = None):
         self.cat = catalog
+        self.remote = getattr(catalog, "url", None) is not None
+        if self.remote and stage not in REMOTE_STAGES:
+            catalog.require_local(f"stage {stage}")
         self.root: Path = catalog.root
         self.stage, self.dataset = stage, dataset
         self.outputs = outputs
@@ -279,8 +291,11 @@ class StageRun:
         self.rebuild_reason: str | None = None
         self.started = _now()
         self.t0 = time.perf_counter()
+        # The local lock keeps runs on this machine apart; on object storage the commit also
+        # compares each output's version with the one seen here (pipeline.io.storage.switch).
         self._lock = Lock(self.root, self.key)
         self._committed = False
+        self._base: dict[str, str | None] = {}
 
     # ---------------------------------------------------------------- enter / exit
     def __enter__(self) -> "StageRun":
@@ -288,6 +303,10 @@ class StageRun:
         self._lock.acquire(self.run_id, lock_timeout())
         try:
             self._clean_orphans()
+            if self.remote:
+                current = self.cat.storage.current()
+                self._base = {self._rel(p): (current.get(self._rel(p)) or {}).get("version")
+                              for p in self.outputs.values()}
             self._check_skip()
             if not self.skipped:
                 self.area.mkdir(parents=True)
@@ -328,7 +347,14 @@ class StageRun:
             self.rebuild_reason = "the completion marker predates output verification"
         else:
             for name, final in self.outputs.items():
-                problem = verify_folder(final, manifests.get(name))
+                if self.remote:
+                    recorded = manifests.get(name)
+                    if recorded is not None and "version" not in recorded:
+                        problem = "the completion marker is not an object-storage one"
+                    else:
+                        problem = self.cat.storage.verify(self._rel(final), recorded)
+                else:
+                    problem = verify_folder(final, manifests.get(name))
                 if problem:
                     self.rebuild_reason = problem
                     break
@@ -360,6 +386,9 @@ class StageRun:
         Outputs named in ``absent`` (or whose staging folder was removed) are deleted instead:
         e.g. a re-ingest with no rejects must not keep an earlier run's rejects.
         """
+        if self.remote:
+            manifests = self._commit_remote(absent)
+            return self._finish(counts, extra, timings, manifests)
         ops, manifests = [], {}
         for k, (name, final) in enumerate(self.outputs.items()):
             staged = self.staging[name]
@@ -374,6 +403,29 @@ class StageRun:
         apply_journal(self.root, journal)
         self._committed = True
         failpoint("commit:after_swap")
+        return self._finish(counts, extra, timings, manifests)
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def _commit_remote(self, absent: tuple[str, ...]) -> dict[str, Any]:
+        """Upload every staged output to a new version, then switch the manifest (one PUT)."""
+        storage = self.cat.storage
+        changes, manifests = {}, {}
+        for name, final in self.outputs.items():
+            staged = self.staging[name]
+            present = name not in absent and staged.is_dir()
+            entry = storage.upload(self._rel(final), self.run_id, staged) if present else None
+            changes[self._rel(final)] = entry
+            manifests[name] = entry and {"version": entry["version"], "files": entry["files"]}
+        failpoint("commit:before_journal")  # the same fault points as a local commit, for the tests
+        storage.switch(self.run_id, self._base, changes)
+        self._committed = True
+        failpoint("commit:after_swap")
+        return manifests
+
+    def _finish(self, counts: dict[str, Any], extra: dict[str, Any] | None, timings: dict[str, float] | None,
+                manifests: dict[str, Any]) -> dict[str, Any]:
         timings = {**(timings or {}), "total": round(time.perf_counter() - self.t0, 3)}
         self._ledger("succeeded", counts, timings)
         state = {"run_id": self.run_id, "inputs": self.inputs, "parameters": self.parameters,

@@ -333,7 +333,7 @@ def run_ingest(
     with StageRun(cat, "ingest", dataset, outputs, params, fingerprint, force=force, key=f"dataset={dataset}",
                   ledger_parameters={"workers": workers, "beam_args": beam_args or []}) as run:
         if run.skipped:
-            return IngestResult(run.state["run_id"], dataset, kind, str(cat.root), run.state["counts"], {},
+            return IngestResult(run.state["run_id"], dataset, kind, cat.location, run.state["counts"], {},
                                 skipped=True)
         staging = run.area / "out"  # WriteShard writes <staging>/<table>/, i.e. run.staging[table]
         plan_s = time.perf_counter() - t0
@@ -355,7 +355,7 @@ def run_ingest(
                    absent=tuple(t for t, folder in run.staging.items() if not any(folder.iterdir())))
         timings = {"plan": round(plan_s, 3), "beam": round(beam_s, 3), "commit": round(time.perf_counter() - t2, 3),
                    "total": round(time.perf_counter() - t0, 3)}
-    return IngestResult(run.run_id, dataset, kind, str(cat.root), counts, timings, rebuilt=run.rebuild_reason)
+    return IngestResult(run.run_id, dataset, kind, cat.location, counts, timings, rebuilt=run.rebuild_reason)
 
 
 def _sum_stats(staging: Path) -> dict[str, Any]:
