@@ -290,6 +290,7 @@ SELECTORS = Registry("selector", (
     Entry("selector", "mig", "instruction", "MIG information-gain selection over tagged, scored instructions",
           "pipeline.curate.mig_pool:MIGSelector", (
               Param("budget", int, REQUIRED, "number of samples to pick"),
+              Param("fit_budget", bool, False, "pick the whole pool when it is smaller than the budget"),
               Param("label_graph", str, None, "Parquet edge list (label_a, label_b, similarity) replacing the "
                                               "embedding-built label graph"),
               Param("sim_threshold", float, None, "T for the embedding-built label graph (default: MiniLM's)"),

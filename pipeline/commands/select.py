@@ -1,4 +1,12 @@
-"""thresher select mig|cabs|gais: run a selection algorithm and write its picks."""
+"""thresher select <selector>: run a registered selector into selections/<name>/ (or a file).
+
+One sub-command per entry of ``pipeline.registry.SELECTORS``; its options are the entry's
+parameters (``--budget``, ``--phi`` ...), so a new selector needs no edit here. Every selector
+takes its pool from a catalog dataset (``--catalog C --dataset D``; ``--input C#D`` still works)
+or from a file (``--input FILE``), and writes through ``pipeline.select.protocol``: into the
+catalog's ``selections/<name>/`` under the stage contract (lock, verified skip, ledger entry),
+and/or to ``--out FILE`` (a file input with ``--out`` alone touches no catalog).
+"""
 
 from __future__ import annotations
 
@@ -6,139 +14,88 @@ import argparse
 from pathlib import Path
 
 from pipeline.commands import add_catalog_argument
+from pipeline.registry import SELECTORS, Param
 
 NAME = "select"
-HELP = "select samples with MIG (instructions), CABS (image-text batches) or GAIS (instances)"
+HELP = "select samples with a registered selector: " + ", ".join(
+    f"{e.name} ({e.kind})" for e in SELECTORS.values())
+
+# What --input FILE holds, per selector (the catalog form is the same for all).
+INPUT_FILE = {
+    "mig": "an xsample-layout JSONL(.gz) file",
+    "cabs": "a Parquet file with sample_id and a list of concepts per sample",
+    "gais": "a Parquet table with a label column and numeric or list<float> feature columns",
+}
+
+
+def _add_param(p: argparse.ArgumentParser, param: Param) -> None:
+    help_ = param.help or None
+    if param.type is bool:
+        if param.default is True:
+            p.add_argument("--no-" + param.flag[2:], dest=param.name, action="store_false",
+                           help=f"do not: {param.help}" if param.help else None)
+        else:
+            p.add_argument(param.flag, dest=param.name, action="store_true", help=help_)
+        return
+    choices = param.choice_values()
+    kwargs = {"dest": param.name, "type": param.type, "help": help_, "choices": choices}
+    if param.required:
+        p.add_argument(param.flag, required=True, **kwargs)
+    else:
+        p.add_argument(param.flag, default=param.default, **kwargs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="algorithm", required=True)
-
-    m = sub.add_parser("mig", help="MIG information-gain selection over tagged, scored instructions")
-    m.add_argument("--input", required=True,
-                   help="an xsample-layout JSONL(.gz) file, or a catalog dataset as CATALOG#DATASET")
-    m.add_argument("--budget", type=int, required=True)
-    m.add_argument("--out", required=True, help="OUT.parquet: rank, index, sample_id, gain, labels")
-    m.add_argument("--label-graph", help="Parquet edge list (label_a, label_b, similarity) replacing the embedding graph")
-    m.add_argument("--sim-threshold", type=float, default=None, help="T for the embedding-built label graph")
-    m.add_argument("--prop-weight", type=float, default=1.0, help="alpha: weight of neighbouring labels")
-    m.add_argument("--phi", choices=["pow", "exp"], default="pow")
-    m.add_argument("--phi-b", type=float, default=0.8)
-    m.add_argument("--phi-a", type=float, default=1e-6)
-    m.add_argument("--phi-alpha", type=float, default=1.0)
-    m.add_argument("--norm", action="store_true", help="score / number of labels")
-    m.add_argument("--tags", default="auto", help="catalog input: tag annotator (default: input, then offline)")
-    m.add_argument("--quality", default="auto", help="catalog input: quality annotator")
-    m.add_argument("--random-trials", type=int, default=5)
-    m.add_argument("--near-dups", default="auto", metavar="ANNOTATOR",
-                   help="catalog input: the near-duplicate annotation (near_dup_<model>, or the model name) whose "
-                        "near-copies leave the pool, as in the curate_instructions flow (default: the dataset's "
-                        "own, when `thresher index --near-dup` made one)")
-    m.add_argument("--keep-near-duplicates", action="store_true",
-                   help="catalog input: select from every sample, near-copies included")
-
-    c = sub.add_parser("cabs", help="CABS concept-aware batch plans for image-text training")
-    c.add_argument("--dataset", help="catalog dataset with concept annotations")
-    add_catalog_argument(c)
-    c.add_argument("--input", help="or: a Parquet file with sample_id and a list of concepts per sample")
-    c.add_argument("--concepts", default="auto", help="concept annotator (default: input, caption, clip)")
-    c.add_argument("--mode", choices=["dm", "fm"], default="dm")
-    c.add_argument("--dm-mode", choices=["paper", "reference"], default="paper")
-    c.add_argument("--filter-ratio", type=float, default=0.8)
-    c.add_argument("--superbatch", type=int, default=20_480)
-    c.add_argument("--steps", type=int, default=1)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", required=True, help="PLAN.parquet: step, position, sample_id, gain")
+    for entry in SELECTORS.values():
+        s = sub.add_parser(entry.name, help=entry.help, description=entry.help)
+        add_catalog_argument(s)
+        src = s.add_argument_group("pool (one of)")
+        src.add_argument("--dataset", help="a catalog dataset (with --catalog)")
+        src.add_argument("--input", help=f"{INPUT_FILE.get(entry.name, 'a file')}, or a catalog dataset as "
+                                         "CATALOG#DATASET")
+        dst = s.add_argument_group("output")
+        dst.add_argument("--name", help="selection name: writes selections/NAME/ (picks.parquet, report.json) in "
+                                        "--catalog; default for a catalog pool: <dataset>_" + entry.name)
+        dst.add_argument("--out", help="also write the picks to this Parquet file (+ .report.json); with a file "
+                                       "input and no --name, only there")
+        dst.add_argument("--force", action="store_true", help="select again even if inputs and parameters are unchanged")
+        opts = s.add_argument_group(f"{entry.name} parameters")
+        for param in entry.params:
+            _add_param(opts, param)
 
 
-    g = sub.add_parser("gais", help="GAIS graph-attention instance selection over labelled features")
-    g.add_argument("--input", required=True, help="a Parquet table, or a catalog dataset as CATALOG#DATASET")
-    g.add_argument("--label-column", required=True, help="class column (catalog: a samples column or 'tag')")
-    g.add_argument("--features", help="a list<float> column or comma-separated numeric columns (default: all numeric)")
-    g.add_argument("--embeddings", help="catalog input: embedding model folder to use as features")
-    g.add_argument("--kind", choices=["instruction", "image_text"], default="instruction")
-    g.add_argument("--variant", choices=["minibatch", "hash", "multilevel", "multiview", "knn"], default="multilevel")
-    g.add_argument("--reduction", type=float, default=0.96)
-    g.add_argument("--scoring", choices=["same_class", "other_class", "all"], default="same_class")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-scale", action="store_true", help="features are already scaled")
-    g.add_argument("--out", required=True, help="OUT.parquet: index, sample_id, label, score, selected")
+def _pool_source(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
+    """(catalog, dataset, input file): exactly one of a dataset or a file."""
+    if args.dataset and args.input:
+        raise ValueError("give either --dataset (a catalog dataset) or --input (a file), not both")
+    if args.dataset:
+        return args.catalog, args.dataset, None
+    if not args.input:
+        raise ValueError("give --dataset NAME (with --catalog) or --input FILE")
+    if "#" in args.input and not Path(args.input).exists():
+        catalog, dataset = args.input.rsplit("#", 1)
+        return catalog, dataset, None
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"--input {args.input} is neither a file nor CATALOG#DATASET")
+    return None, None, args.input
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    if args.algorithm == "mig":
-        return _mig(args)
-    if args.algorithm == "cabs":
-        return _cabs(args)
-    if args.algorithm == "gais":
-        return _gais(args)
-    raise ValueError(f"unknown algorithm {args.algorithm}")
+    from pipeline.select import protocol
 
-
-def _mig(args: argparse.Namespace) -> int:
-    from pipeline.curate import mig_pool
-    from pipeline.select.mig import MINILM_DEFAULT_THRESHOLD, MIGConfig
-
-    config = MIGConfig(sim_threshold=args.sim_threshold or MINILM_DEFAULT_THRESHOLD, prop_weight=args.prop_weight,
-                       phi=args.phi, phi_b=args.phi_b, phi_a=args.phi_a, phi_alpha=args.phi_alpha, norm=args.norm)
-    if "#" in args.input and not Path(args.input).exists():
-        catalog, dataset = args.input.rsplit("#", 1)
-        near = None if args.keep_near_duplicates else args.near_dups
-        pool = mig_pool.pool_from_catalog(catalog, dataset, args.tags, args.quality, near_duplicates=near)
-        if pool.notes.get("near_duplicates_from"):
-            print(f"near-duplicates: excluded {pool.notes['near_duplicates_excluded']:,} samples that "
-                  f"{pool.notes['near_duplicates_from']} marks as near-copies (--keep-near-duplicates keeps them)")
-        elif pool.notes.get("near_duplicates_note"):
-            print(pool.notes["near_duplicates_note"])
-        elif args.keep_near_duplicates:
-            print("near-duplicates: kept (--keep-near-duplicates)")
+    entry = SELECTORS[args.algorithm]
+    params = {p.name: getattr(args, p.name) for p in entry.params}
+    catalog, dataset, input_file = _pool_source(args)
+    if dataset is not None:
+        result = protocol.select_into_catalog(entry.name, catalog, args.name or f"{dataset}_{entry.name}", params,
+                                              dataset=dataset, out=args.out, force=args.force)
+    elif args.name:
+        result = protocol.select_into_catalog(entry.name, args.catalog, args.name, params, input_file=input_file,
+                                              out=args.out, force=args.force)
+    elif args.out:
+        result = protocol.select_to_file(entry.name, input_file, args.out, params)  # type: ignore[arg-type]
     else:
-        if not Path(args.input).is_file():
-            raise FileNotFoundError(f"--input {args.input} is neither a file nor CATALOG#DATASET")
-        pool = mig_pool.pool_from_xsample(args.input)
-    table, report = mig_pool.select(pool, args.budget, config, edges=args.label_graph,
-                                    random_trials=args.random_trials)
-    params = {"input": args.input, "budget": args.budget, "label_graph": args.label_graph,
-              "near_duplicates": pool.notes.get("near_duplicates_from"), **config.__dict__}
-    out = mig_pool.write_selection(table, report, args.out, params)
-    print("\n".join(report.lines()))
-    print(f"wrote {table.num_rows} picks to {out} (report: {out.with_suffix('.report.json')})")
-    return 0
-
-
-def _cabs(args: argparse.Namespace) -> int:
-    from pipeline.curate import cabs_plan
-
-    if bool(args.dataset) == bool(args.input):
-        raise ValueError("give exactly one of --dataset (catalog) or --input (Parquet file)")
-    pool = (cabs_plan.concepts_from_catalog(args.catalog, args.dataset, args.concepts) if args.dataset
-            else cabs_plan.concepts_from_file(args.input))
-    table, report = cabs_plan.plan(pool, args.mode, args.filter_ratio, args.superbatch, args.steps, args.seed,
-                                   args.dm_mode)
-    params = {k: getattr(args, k) for k in ("dataset", "input", "concepts", "mode", "dm_mode", "filter_ratio",
-                                            "superbatch", "steps", "seed")}
-    out = cabs_plan.write_plan(table, report, args.out, params)
-    print("\n".join(report.lines()))
-    print(f"wrote {table.num_rows} rows to {out}")
-    return 0
-
-
-def _gais(args: argparse.Namespace) -> int:
-    from pipeline.curate import gais_table
-
-    if "#" in args.input and not Path(args.input).exists():
-        if not args.embeddings:
-            raise ValueError("a catalog input needs --embeddings MODEL (the features)")
-        catalog, dataset = args.input.rsplit("#", 1)
-        inst = gais_table.instances_from_catalog(catalog, dataset, args.label_column, args.embeddings, args.kind)
-    else:
-        inst = gais_table.instances_from_table(args.input, args.label_column, args.features)
-    table, report = gais_table.run(inst, args.variant, args.reduction, args.scoring, args.seed,
-                                   scale=not args.no_scale)
-    params = {k: getattr(args, k) for k in ("input", "label_column", "features", "embeddings", "variant",
-                                            "reduction", "scoring", "seed")}
-    out = gais_table.write(table, report, args.out, params)
-    print(f"GAIS-{args.variant} ({args.scoring}): kept {report['selected']:,} of {report['n']:,} "
-          f"(reduction {report['achieved_reduction']:.3f}) in {report['timings'].get('total_s', 0):.1f} s")
-    print(f"wrote {out}")
+        raise ValueError("give --name NAME (writes selections/NAME/ in --catalog) and/or --out FILE")
+    print("\n".join(result.lines()))
     return 0

@@ -7,7 +7,7 @@ module gathers the concept lists of a dataset (instances repeated by count), pla
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 import schemas
 from pipeline.curate import annotations
-from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
+from pipeline.io.catalog import Catalog
 from pipeline.select import batch_metrics
 from pipeline.select.cabs_schedule import as_concept_table, iter_plan
 
@@ -27,6 +27,7 @@ class ConceptPool:
     sample_ids: list[str]
     concepts: list[list[str]]  # one entry per instance (a concept repeats once per box/count)
     source: str
+    inputs: list[Path] = field(default_factory=list)  # files and folders read (the input fingerprint)
 
 
 def concepts_from_catalog(catalog: str | Path, dataset: str, source: str = "auto",
@@ -40,15 +41,17 @@ def concepts_from_catalog(catalog: str | Path, dataset: str, source: str = "auto
     if not samples.is_dir():
         raise FileNotFoundError(f"no image-text samples for dataset {dataset!r} in {cat.root}")
     ids = sorted(pq.read_table(samples, columns=["sample_id"]).column("sample_id").to_pylist())
+    read = [samples]
     if near_duplicates:
         removed = annotations.near_copies(cat, dataset, near_duplicates)
         ids = [s for s in ids if s not in removed]
+        read.append(cat.annotation_partition(near_duplicates, dataset))
     part = annotations.require(cat, dataset, source, annotations.CONCEPT_SOURCES,
                                "run `thresher concepts annotate` first")
     rows = pq.read_table(part, columns=["sample_id", "concepts"]).to_pylist()
     by_id = {r["sample_id"]: [c["concept"] for c in r["concepts"] or [] for _ in range(max(1, c["count"] or 1))]
              for r in rows}
-    return ConceptPool(ids, [by_id.get(s, []) for s in ids], part.parent.name)
+    return ConceptPool(ids, [by_id.get(s, []) for s in ids], part.parent.name, [*read, part])
 
 
 def concepts_from_file(path: str | Path, column: str = "concepts", id_column: str = "sample_id") -> ConceptPool:
@@ -59,7 +62,7 @@ def concepts_from_file(path: str | Path, column: str = "concepts", id_column: st
             raise ValueError(f"{path} has no column {c!r}; columns: {table.column_names}")
     concepts = [[x["concept"] if isinstance(x, dict) else x for x in (row or [])]
                 for row in table.column(column).to_pylist()]
-    return ConceptPool([str(x) for x in table.column(id_column).to_pylist()], concepts, str(path))
+    return ConceptPool([str(x) for x in table.column(id_column).to_pylist()], concepts, str(path), [Path(path)])
 
 
 @dataclass
@@ -84,6 +87,9 @@ class PlanReport:
             ratio = self.cabs[k] / self.iid[k] if self.iid[k] else float("nan")
             out.append(f"{k:<22}{self.cabs[k]:>12.4f}{self.iid[k]:>12.4f}{ratio:>8.2f}")
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def plan(pool: ConceptPool, mode: str = "dm", filter_ratio: float = 0.8, superbatch: int = 20_480,
@@ -121,8 +127,27 @@ def plan(pool: ConceptPool, mode: str = "dm", filter_ratio: float = 0.8, superba
     return plan_table, report
 
 
-def write_plan(table: pa.Table, report: PlanReport, out: str | Path, parameters: dict[str, Any]) -> Path:
-    out = Path(out)
-    write_parquet_atomic(table, out, schemas.CABS_PLAN)
-    write_json_atomic({"parameters": parameters, "report": asdict(report)}, out.with_suffix(".report.json"))
-    return out
+class CABSSelector:
+    """CABS batch plans behind the selector protocol (``pipeline.select.protocol``)."""
+
+    name = "cabs"
+    schema = schemas.CABS_PLAN
+
+    def from_catalog(self, cat: Catalog, dataset: str, params: dict[str, Any]) -> ConceptPool:
+        return concepts_from_catalog(cat.root, dataset, params["concepts"], near_duplicates=params["near_dups"])
+
+    def from_file(self, path: Path, params: dict[str, Any]) -> ConceptPool:
+        return concepts_from_file(path)
+
+    def inputs(self, pool: ConceptPool, params: dict[str, Any]) -> list[Path]:
+        return pool.inputs
+
+    def notes(self, pool: ConceptPool, params: dict[str, Any]) -> list[str]:
+        return []
+
+    def run(self, pool: ConceptPool, params: dict[str, Any]) -> tuple[pa.Table, PlanReport]:
+        superbatch = params["superbatch"]
+        if params["fit_superbatch"]:
+            superbatch = min(superbatch, len(pool.sample_ids))
+        return plan(pool, params["mode"], params["filter_ratio"], superbatch, params["steps"], params["seed"],
+                    params["dm_mode"])

@@ -8,7 +8,7 @@ row per instance: ``index``, ``sample_id``, ``label``, ``score``, ``selected``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 import schemas
 from pipeline.curate import annotations
-from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
+from pipeline.io.catalog import Catalog
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Instances:
     labels: list[str]
     sample_ids: list[str]
     source: str
+    inputs: list[Path] = field(default_factory=list)  # files and folders read (the input fingerprint)
 
 
 def _matrix(table: pa.Table, features: str | None, exclude: set[str]) -> np.ndarray:
@@ -52,7 +53,7 @@ def instances_from_table(path: str | Path, label_column: str, features: str | No
     X = _matrix(table, features, {label_column, id_column})
     ids = ([str(v) for v in table.column(id_column).to_pylist()] if id_column in table.column_names
            else [str(i) for i in range(table.num_rows)])
-    return Instances(X, [str(v) for v in table.column(label_column).to_pylist()], ids, str(path))
+    return Instances(X, [str(v) for v in table.column(label_column).to_pylist()], ids, str(path), [Path(path)])
 
 
 def instances_from_catalog(catalog: str | Path, dataset: str, label_column: str, model: str,
@@ -64,18 +65,65 @@ def instances_from_catalog(catalog: str | Path, dataset: str, label_column: str,
         raise FileNotFoundError(f"no embeddings {model!r} for dataset {dataset!r}; run `thresher embed` first")
     vectors = pq.read_table(emb).sort_by("sample_id")
     ids = vectors.column("sample_id").to_pylist()
+    read = [emb]
     if label_column == "tag":
         part = annotations.require(cat, dataset, "auto", annotations.TAG_SOURCES,
                                    "run `thresher annotate tags` first for --label-column tag")
         rows = pq.read_table(part, columns=["sample_id", "tags"]).to_pylist()
         by_id = {r["sample_id"]: (r["tags"][0]["tag"] if r["tags"] else "untagged") for r in rows}
+        read.append(part)
     else:
         samples = pq.read_table(cat.samples_partition(kind, dataset))
         if label_column not in samples.column_names:
             raise ValueError(f"samples have no column {label_column!r}; use one of {samples.column_names} or 'tag'")
         by_id = dict(zip(samples.column("sample_id").to_pylist(), map(str, samples.column(label_column).to_pylist())))
+        read.append(cat.samples_partition(kind, dataset))
     X = np.asarray(vectors.column("embedding").to_pylist(), dtype=np.float32)
-    return Instances(X, [by_id.get(s, "unknown") for s in ids], ids, f"{cat.root}#{dataset}:{model}")
+    return Instances(X, [by_id.get(s, "unknown") for s in ids], ids, f"{cat.root}#{dataset}:{model}", read)
+
+
+@dataclass
+class GAISReport:
+    """What a GAIS run kept, per class, and how long each phase took."""
+
+    data: dict[str, Any]
+
+    def lines(self) -> list[str]:
+        d = self.data
+        out = [f"GAIS-{d['variant']} ({d['scoring']}): kept {d['selected']:,} of {d['n']:,} "
+               f"(reduction {d['achieved_reduction']:.3f}) in {d['timings'].get('total_s', 0):.1f} s"]
+        out += [f"  class {k}: {v:,} kept" for k, v in list(d["per_class_counts"].items())[:20]]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.data
+
+
+class GAISSelector:
+    """GAIS behind the selector protocol (``pipeline.select.protocol``); one row per instance."""
+
+    name = "gais"
+    schema = schemas.GAIS_SELECTION
+
+    def from_catalog(self, cat: Catalog, dataset: str, params: dict[str, Any]) -> Instances:
+        if not params["embeddings"]:
+            raise ValueError("GAIS over a catalog dataset needs embeddings=MODEL (--embeddings: the features)")
+        return instances_from_catalog(cat.root, dataset, params["label_column"], params["embeddings"],
+                                      params["sample_kind"])
+
+    def from_file(self, path: Path, params: dict[str, Any]) -> Instances:
+        return instances_from_table(path, params["label_column"], params["features"])
+
+    def inputs(self, pool: Instances, params: dict[str, Any]) -> list[Path]:
+        return pool.inputs
+
+    def notes(self, pool: Instances, params: dict[str, Any]) -> list[str]:
+        return []
+
+    def run(self, pool: Instances, params: dict[str, Any]) -> tuple[pa.Table, GAISReport]:
+        table, report = run(pool, params["variant"], params["reduction"], params["scoring"], params["seed"],
+                            scale=params["scale"])
+        return table, GAISReport(report)
 
 
 def run(inst: Instances, variant: str, reduction: float, scoring: str = "same_class", seed: int = 0,
@@ -97,8 +145,3 @@ def run(inst: Instances, variant: str, reduction: float, scoring: str = "same_cl
     return table, report
 
 
-def write(table: pa.Table, report: dict[str, Any], out: str | Path, parameters: dict[str, Any]) -> Path:
-    out = Path(out)
-    write_parquet_atomic(table, out, schemas.GAIS_SELECTION)
-    write_json_atomic({"parameters": parameters, "report": report}, out.with_suffix(".report.json"))
-    return out

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import schemas
 from pipeline.curate import annotations
 from pipeline.embed.sentence import DEFAULT_TEXT_MODEL_NAME
-from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
+from pipeline.io.catalog import Catalog
 from pipeline.select import label_graph as lg
 from pipeline.select import mig
 
@@ -34,6 +34,7 @@ class Pool:
     source: str
     notes: dict[str, Any] = field(default_factory=dict)
     catalog: Path | None = None  # the catalog a pool was drawn from (its label-vector cache)
+    inputs: list[Path] = field(default_factory=list)  # files and folders read (the input fingerprint)
 
 
 def pool_from_xsample(path: str | Path) -> Pool:
@@ -54,7 +55,7 @@ def pool_from_xsample(path: str | Path) -> Pool:
             if record_no in wanted:
                 ids[record_no] = conversation_id(normalise(json.loads(line), "xsample").messages)
     return Pool([ids[int(i)] for i in xs.line_numbers], xs.labels, xs.scores, xs.line_numbers,
-                str(path), {"skipped_without_annotations": xs.skipped})
+                str(path), {"skipped_without_annotations": xs.skipped}, inputs=[Path(path)])
 
 
 NEAR_DUP_PREFIX = "near_dup_"  # pipeline.stages.index.near_dup_annotator(model) names them so
@@ -150,7 +151,8 @@ def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", qua
              "near_duplicates_excluded": dropped, "near_duplicates_from": near_from}
     if near_note:
         notes["near_duplicates_note"] = near_note
-    return Pool(ids, labels, scores, np.arange(len(ids)), f"{cat.root}#{dataset}", notes, cat.root)
+    read = [samples, tag_part, q_part] + ([cat.annotation_partition(near_from, dataset)] if near_from else [])
+    return Pool(ids, labels, scores, np.arange(len(ids)), f"{cat.root}#{dataset}", notes, cat.root, read)
 
 
 @dataclass
@@ -180,6 +182,9 @@ class MIGReport:
             f"random {self.coverage_random_mean:,.1f}",
             "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()),
         ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def build_graph(vocabulary: tuple[str, ...], config: mig.MIGConfig, edges: str | Path | None,
@@ -234,8 +239,52 @@ def select(pool: Pool, budget: int, config: mig.MIGConfig = mig.MIGConfig(), edg
     return table, report
 
 
+def pool_notes(pool: Pool) -> list[str]:
+    """What the pool left out (near-copies), or why it could not, as lines to print."""
+    if pool.notes.get("near_duplicates_from"):
+        return [f"near-duplicates: excluded {pool.notes['near_duplicates_excluded']:,} samples that "
+                f"{pool.notes['near_duplicates_from']} marks as near-copies (--keep-near-duplicates keeps them)"]
+    if pool.notes.get("near_duplicates_note"):
+        return [pool.notes["near_duplicates_note"]]
+    return []
+
+
+class MIGSelector:
+    """MIG behind the selector protocol (``pipeline.select.protocol``); parameters: the registry's."""
+
+    name = "mig"
+    schema = schemas.MIG_PICKS
+
+    def from_catalog(self, cat: Catalog, dataset: str, params: dict[str, Any]) -> Pool:
+        near = None if params["keep_near_duplicates"] else params["near_dups"]
+        return pool_from_catalog(cat.root, dataset, params["tags"], params["quality"], near_duplicates=near)
+
+    def from_file(self, path: Path, params: dict[str, Any]) -> Pool:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is not a file (MIG reads an xsample-layout JSONL(.gz) file)")
+        return pool_from_xsample(path)
+
+    def inputs(self, pool: Pool, params: dict[str, Any]) -> list[Path]:
+        return [*pool.inputs, *([Path(params["label_graph"])] if params["label_graph"] else [])]
+
+    def notes(self, pool: Pool, params: dict[str, Any]) -> list[str]:
+        if params["keep_near_duplicates"] and pool.catalog is not None:
+            return ["near-duplicates: kept (--keep-near-duplicates)"]
+        return pool_notes(pool)
+
+    def run(self, pool: Pool, params: dict[str, Any]) -> tuple[pa.Table, MIGReport]:
+        config = mig.MIGConfig(sim_threshold=params["sim_threshold"] or mig.MINILM_DEFAULT_THRESHOLD,
+                               prop_weight=params["prop_weight"], phi=params["phi"], phi_b=params["phi_b"],
+                               phi_a=params["phi_a"], phi_alpha=params["phi_alpha"], norm=params["norm"])
+        budget = min(params["budget"], len(pool.sample_ids)) if params["fit_budget"] else params["budget"]
+        return select(pool, budget, config, edges=params["label_graph"], random_trials=params["random_trials"])
+
+
 def write_selection(table: pa.Table, report: MIGReport, out: str | Path, parameters: dict[str, Any]) -> Path:
+    """MIG picks to a file outside any catalog (benchmarks); through the selection protocol's writer."""
+    from pipeline.select.protocol import write_files
+
     out = Path(out)
-    write_parquet_atomic(table, out, schemas.MIG_PICKS)
-    write_json_atomic({"parameters": parameters, "report": asdict(report)}, out.with_suffix(".report.json"))
+    write_files(table, schemas.MIG_PICKS, {"selector": "mig", "parameters": parameters, "report": report.to_dict(),
+                                           "lines": report.lines()}, out, out.with_suffix(".report.json"))
     return out
