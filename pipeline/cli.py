@@ -204,18 +204,25 @@ def main(argv: list[str] | None = None) -> int:
     # a sub-command can opt out of its module's PASSES_EXTRA_ARGS with set_defaults(passes_extra_args=False)
     to_beam = getattr(args, "passes_extra_args", getattr(mod, "PASSES_EXTRA_ARGS", False))
     problems = check_extra_args(extra, option_names(leaf), to_beam) + check_choices(args)
+    catalog = getattr(args, "catalog", None)
+    if isinstance(catalog, str) and not getattr(mod, "OBJECT_STORAGE", False):
+        from pipeline.io.storage import is_url
+
+        if is_url(catalog):  # commands that read the catalog's local folders directly
+            problems.append(f"thresher {args.command} does not support object-storage catalogs yet ({catalog})")
     if problems:
         for problem in problems:
             print_error(leaf.prog, problem)
         return 2
     from pipeline.io.runs import CatalogBusy
+    from pipeline.io.storage import CommitConflict, ObjectStorageUnsupported
 
     try:
         return mod.run(args, extra)
-    except CatalogBusy as exc:  # another run holds these outputs: try again later (EX_TEMPFAIL)
+    except (CatalogBusy, CommitConflict) as exc:  # another run holds or took these outputs: try again later (EX_TEMPFAIL)
         print_error(leaf.prog, str(exc))
         return 75
-    except (*USER_OS_ERRORS, ValueError, KeyError, duckdb.Error) as exc:
+    except (*USER_OS_ERRORS, ValueError, KeyError, duckdb.Error, ObjectStorageUnsupported) as exc:
         print_error(leaf.prog, error_message(exc))
         return 2
 

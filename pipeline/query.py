@@ -15,13 +15,20 @@ SQL cannot read other files, ATTACH databases, load extensions or SET the option
 ``run_query(..., safe=True)`` additionally runs only read-only (SELECT-type) statements, because
 DuckDB's allowed directory also admits writes (``COPY ... TO`` a file inside the catalog). Use
 ``safe=True`` for any SQL that comes from someone other than the person who owns the catalog.
+
+A catalog on object storage (``s3://bucket/cat``, any fsspec URL) is read through its fsspec
+filesystem registered with DuckDB (``register_filesystem``: no httpfs extension, nothing
+downloaded); each view reads exactly the files the catalog manifest lists as current, passed as a
+bound list variable, so a query sees every table at one committed state (docs/object_storage.md).
 """
 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -77,6 +84,11 @@ def connect(catalog: str | Path, extra_views: dict[str, str] | None = None,
     locked (see the module docstring); writes into the catalog are refused only by
     :func:`run_query` / :func:`check_read_only`, so pass user SQL through one of those.
     """
+    from pipeline.io.catalog import REMOTE_MARKER
+    from pipeline.io.storage import is_url
+
+    if is_url(catalog) or (Path(catalog).expanduser() / REMOTE_MARKER).is_file():
+        return _connect_remote(catalog, extra_views, safe)
     root = Path(catalog).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"catalog {root} does not exist; run `thresher ingest` or `thresher demo` first")
@@ -103,7 +115,75 @@ def connect(catalog: str | Path, extra_views: dict[str, str] | None = None,
     return con
 
 
-def _restrict(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+# ``getvariable('thresher_root') || '/<glob>'`` in a view's SQL: replaced, for a catalog on
+# object storage, by the list of files the manifest names (a bound variable, never text).
+_ROOT_GLOB = re.compile(r"getvariable\('thresher_root'\)\s*\|\|\s*'/[^']*'")
+
+
+def _connect_remote(catalog: str | Path, extra_views: dict[str, str] | None,
+                    safe: bool) -> duckdb.DuckDBPyConnection:
+    from pipeline.io.catalog import Catalog
+
+    cat = Catalog.at(catalog)
+    storage = cat.storage
+    manifest, _ = storage.read_manifest()
+    ledger = sorted(storage.fs.glob(storage.path("runs/*.json")))
+    if manifest is None and not ledger:
+        raise FileNotFoundError(f"catalog {cat.url} has no committed tables (no {storage.uri(storage.path('_manifest.json'))});"
+                                " run `thresher ingest --catalog URL ...` first")
+    folders = (manifest or {}).get("folders", {})
+    con = duckdb.connect()
+    # Object storage is read through the registered fsspec filesystem: DuckDB must never fetch
+    # an extension (httpfs) for s3:// paths instead.
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.register_filesystem(storage.fs)
+    con.execute("SET VARIABLE thresher_root = ?", [cat.url])
+    views = sql_dir() / "views"
+    for name, (pattern, schema) in _VIEW_FILES.items():
+        if name == "runs":
+            files = [storage.uri(p) for p in ledger]
+        else:
+            files = _manifest_files(storage, folders, pattern)
+        if not files:
+            con.register(f"_empty_{name}", _empty(name, schema))
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM _empty_{name}")
+            continue
+        sql = (views / f"{name}.sql").read_text()
+        if not _ROOT_GLOB.search(sql):
+            raise ValueError(f"sql/views/{name}.sql does not read getvariable('thresher_root') || '/...';"
+                             " it cannot be pointed at an object-storage catalog")
+        con.execute(f"SET VARIABLE thresher_files_{name} = ?", [files])
+        try:
+            files_sql = f"getvariable('thresher_files_{name}')"
+            con.execute(f"CREATE VIEW {name} AS {_ROOT_GLOB.sub(lambda _m: files_sql, sql)}")
+        except duckdb.Error as exc:
+            message = _damage_message(name, files, exc, storage.fs)
+            _error_view(con, name, schema, message)
+            warnings.warn(DamagedTableWarning(message), stacklevel=3)
+    for name, relation_sql in (extra_views or {}).items():
+        con.execute(f"CREATE VIEW {name} AS {relation_sql}")
+    if safe:
+        _restrict(con, cat.url)
+    return con
+
+
+def _manifest_files(storage, folders: dict[str, dict], pattern: str) -> list[str]:
+    """URLs of the current files of every manifest folder that ``pattern`` (``a/*/b/*.parquet``)
+    matches, one path segment per glob segment as the local glob would."""
+    folder_glob, file_glob = pattern.rsplit("/", 1)
+    want = folder_glob.split("/")
+    out = []
+    for rel, entry in sorted(folders.items()):
+        parts = rel.split("/")
+        if len(parts) == len(want) and all(fnmatch.fnmatchcase(p, w) for p, w in zip(parts, want)):
+            out.extend(storage.uri(p) for p in storage.folder_files(rel, entry)
+                       if "/" not in p[len(storage.version_prefix(rel, entry["version"])) + 1:]
+                       and fnmatch.fnmatchcase(p.rsplit("/", 1)[-1], file_glob))
+    return out
+
+
+def _restrict(con: duckdb.DuckDBPyConnection, root: Path | str) -> None:
     """Files outside ``root`` unreachable, no extensions or Python objects, settings locked."""
     con.execute("SET allowed_directories = ?", [[str(root).rstrip("/") + "/"]])
     con.execute("SET enable_external_access = false")
@@ -121,10 +201,12 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
             raise UnsafeQueryError(f"safe mode runs read-only queries only; refused a {kind} statement")
 
 
-def _damage_message(name: str, files: list[str], exc: Exception) -> str:
+def _damage_message(name: str, files: list[str], exc: Exception, filesystem=None) -> str:
     """Which of ``files`` DuckDB cannot read on its own, or DuckDB's error when none alone fails."""
     reader = "read_json" if name == "runs" else "read_parquet"
     probe = duckdb.connect()
+    if filesystem is not None:  # an object-storage catalog's fsspec filesystem
+        probe.register_filesystem(filesystem)
     damaged = []
     try:
         for f in files:

@@ -10,6 +10,7 @@ from pipeline.commands import add_catalog_argument
 
 NAME = "query"
 HELP = "run SQL or a named query over the catalog with DuckDB"
+OBJECT_STORAGE = True  # --catalog may be an s3:// (any fsspec) URL: docs/object_storage.md
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:

@@ -114,6 +114,24 @@ def shard_name(index: int, count: int) -> str:
 REMOTE_MARKER = "_object_storage.json"  # in a URL catalog's local working folder: which URL
 
 
+def object_storage_url(path: str | os.PathLike) -> str | None:
+    """The URL of the object-storage catalog whose local working folder holds ``path``, if any.
+
+    Code that lists a partition folder directly instead of through ``Catalog.local_input`` finds
+    nothing there; this lets it say why (see ``Catalog.require_local``).
+    """
+    for folder in (Path(path), *Path(path).parents):
+        if folder.name == "_inputs":  # downloaded through Catalog.local_input: read as it is
+            return None
+        marker = folder / REMOTE_MARKER
+        if marker.is_file():
+            try:
+                return json.loads(marker.read_text())["url"]
+            except (OSError, ValueError, KeyError):
+                return None
+    return None
+
+
 @dataclass(frozen=True)
 class Catalog:
     root: Path
@@ -174,7 +192,9 @@ class Catalog:
         if not self.is_remote:
             return Path(partition)
         got = self.storage.download(self.rel(partition), self.root / "_inputs")
-        return got if got is not None else Path(partition)
+        # Nothing committed: a path that does not exist (and is not the plain working-folder path,
+        # which object_storage_url recognises as "read without downloading").
+        return got if got is not None else self.root / "_inputs" / "none" / self.rel(partition)
 
     def require_local(self, what: str) -> None:
         """Stop at once, with one clear line, where ``what`` cannot work on object storage yet."""

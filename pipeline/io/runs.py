@@ -265,6 +265,12 @@ def recover(root: Path) -> None:
 # ------------------------------------------------------------------------------- the stage
 
 
+def check_remote_stage(catalog: Any, stage: str) -> None:
+    """Stop at once when ``stage`` cannot run on ``catalog`` (an object-storage one) yet."""
+    if getattr(catalog, "url", None) is not None and stage not in REMOTE_STAGES:
+        catalog.require_local(f"stage {stage}")
+
+
 class StageRun:
     """One run of one stage over one output set: see the module docstring."""
 
@@ -273,8 +279,7 @@ class StageRun:
                  key: str | None = None, ledger_parameters: dict[str, Any] | None = None):
         self.cat = catalog
         self.remote = getattr(catalog, "url", None) is not None
-        if self.remote and stage not in REMOTE_STAGES:
-            catalog.require_local(f"stage {stage}")
+        check_remote_stage(catalog, stage)
         self.root: Path = catalog.root
         self.stage, self.dataset = stage, dataset
         self.outputs = outputs

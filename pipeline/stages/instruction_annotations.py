@@ -249,7 +249,7 @@ def run_tag_annotation(
     result = run_shard_stage(cat.root, "annotate_tags", dataset, src, out, fn, schema, params,
                              columns=INPUT_COLUMNS, workers=workers, beam_args=beam_args, force=force)
     if annotator == LLM_TAGS and not result.skipped:
-        result.extra["errors"] = _error_counts(out)
+        result.extra["errors"] = _error_counts(cat.local_input(out))
     return result
 
 
@@ -297,7 +297,7 @@ def run_quality_annotation(
     result = run_shard_stage(cat.root, "annotate_quality", dataset, src, out, fn, schema, params,
                              columns=INPUT_COLUMNS, workers=workers, beam_args=beam_args, force=force)
     if annotator == LLM_QUALITY and not result.skipped:
-        result.extra["errors"] = _error_counts(out)
+        result.extra["errors"] = _error_counts(cat.local_input(out))
     return result
 
 

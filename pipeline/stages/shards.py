@@ -26,8 +26,9 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io.catalog import Catalog, write_parquet_atomic
-from pipeline.io.runs import StageRun
+from pipeline.io.catalog import Catalog, object_storage_url, write_parquet_atomic
+from pipeline.io.runs import StageRun, check_remote_stage
+from pipeline.io.storage import ObjectStorageUnsupported
 from pipeline.stages import progress
 from pipeline.stages.runner import make_pipeline_options, run_pipeline
 
@@ -88,6 +89,9 @@ class StageResult:
 
 def input_shards(partition: Path) -> list[Path]:
     shards = sorted(partition.glob("part-*.parquet"))
+    if not shards and object_storage_url(partition):  # read in place, not via Catalog.local_input
+        raise ObjectStorageUnsupported(f"this stage reads {partition.name} of {object_storage_url(partition)} in place"
+                                       " and does not support object-storage catalogs yet")
     if not shards:
         raise FileNotFoundError(f"no shards in {partition}; run the stage that produces it first")
     return shards
@@ -122,7 +126,8 @@ def run_stage(
     :class:`pipeline.io.runs.StageRun`.
     """
     cat = Catalog.at(catalog)
-    shards = input_shards(input_partition)
+    check_remote_stage(cat, stage)
+    shards = input_shards(cat.local_input(input_partition))  # downloaded first on object storage
     fingerprint = shard_fingerprint(shards)
     outputs = output_partition if isinstance(output_partition, dict) else {"out": output_partition}
     first = next(iter(outputs.values()))
@@ -159,6 +164,11 @@ def run_shard_stage(
     force: bool = False,
 ) -> StageResult:
     """Apply ``fn`` to every input shard (one output shard each), in parallel across workers."""
+
+    cat = Catalog.at(catalog)
+    check_remote_stage(cat, stage)
+    if fn.companion is not None:  # on object storage: the companion's committed shards, downloaded
+        fn.companion = str(cat.local_input(Path(fn.companion)))
 
     def expand(shard_paths: beam.PCollection, staging: Path) -> Any:
         return (shard_paths
