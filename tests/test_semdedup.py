@@ -14,7 +14,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.index.faiss_index import l2_normalize
-from pipeline.index.semdedup import DisjointSets, choose_n_clusters, semdedup
+from pipeline.index.semdedup import choose_n_clusters, semdedup
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PREDICTIONS = SHARED_DATA / "instructions" / "self_instruct_user_oriented_predictions.jsonl.gz"
@@ -140,20 +140,6 @@ def test_small_blocks_give_the_same_answer() -> None:
     small = semdedup(x, threshold=0.95, n_clusters=3, block_size=17)
     np.testing.assert_array_equal(big.group, small.group)
     assert big.report.n_pairs == small.report.n_pairs == 60
-
-
-def test_disjoint_sets_agree_with_connected_components() -> None:
-    rng = np.random.default_rng(10)
-    n = 5000
-    a, b = rng.integers(0, n, 4000), rng.integers(0, n, 4000)
-    sets = DisjointSets(n)
-    for lo in range(0, 4000, 333):  # pairs arrive in pieces, as they do per cluster tile
-        sets.union(a[lo : lo + 333], b[lo : lo + 333])
-    roots = sets.roots()
-    _, comp = connected_components(coo_matrix((np.ones(4000), (a, b)), shape=(n, n)), directed=False)
-    assert same_partition(roots, comp)
-    for members in (np.flatnonzero(comp == c) for c in np.unique(comp)[:50]):
-        assert (roots[members] == members.min()).all()
 
 
 def test_bad_arguments_are_explained() -> None:

@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from pipeline.annotate.tag_rules import CompiledRules
+from pipeline.components import UnionFind
 
 DEFAULT_TAG_VOCABULARY = Path(__file__).resolve().with_name("tag_vocab.tsv")
 TAGGER_VERSION = "1"
@@ -361,24 +362,6 @@ class TagVocabReport:
         return lines
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> bool:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return False
-        self.parent[rb] = ra
-        return True
-
-
 def _fuzzy_pairs(names: list[str], threshold: float, block: int = 1024) -> Iterable[tuple[int, int, float]]:
     from rapidfuzz import fuzz
     from rapidfuzz.process import cdist
@@ -436,7 +419,7 @@ def consolidate_tags(
         if normalised[t]:
             norm_counts[normalised[t]] += n
     names = sorted(norm_counts)
-    uf = _UnionFind(len(names))
+    uf = UnionFind(len(names))
     merges_raw: list[tuple[int, int, str, float]] = []
     for i, j, s in _fuzzy_pairs(names, fuzzy_threshold):
         if uf.union(i, j):

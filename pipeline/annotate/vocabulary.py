@@ -30,6 +30,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from pipeline.components import UnionFind
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_VOCABULARY = HERE / "concept_vocab.tsv"
 DEFAULT_UNSAFE_TERMS = HERE / "unsafe_terms.txt"
@@ -449,26 +451,6 @@ class VocabularyReport:
         return out
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, keep: int, other: int) -> bool:
-        a, b = self.find(keep), self.find(other)
-        if a == b:
-            return False
-        # The earlier entry (higher priority in the input order) stays the representative.
-        lo, hi = min(a, b), max(a, b)
-        self.parent[hi] = lo
-        return True
-
-
 def _contains(key: tuple[str, ...], part: tuple[str, ...]) -> bool:
     n = len(part)
     return any(key[i:i + n] == part for i in range(len(key) - n + 1))
@@ -599,7 +581,7 @@ def build_vocabulary(
     # Keys are names with the head singular (``dedup_key``), not full lemma keys: lemmatising
     # every word would merge "drinking" into "drink" and "boxing" into "box".
     n = len(norm)
-    uf = _UnionFind(n)
+    uf = UnionFind(n)  # union(keep, other): the smaller index (earlier entry) stays the group's name
     name_keys = [dedup_key(e.concept) for e in norm]
     first_by_name: dict[tuple[str, ...], int] = {}
     for i, k in enumerate(name_keys):

@@ -31,7 +31,6 @@ from pipeline.index.knn_graph import (
     write_edges_parquet,
 )
 from pipeline.index.semdedup import (
-    DisjointSets,
     SemDedupReport,
     SemDedupResult,
     choose_n_clusters,
@@ -40,7 +39,6 @@ from pipeline.index.semdedup import (
 
 __all__ = [
     "BuildInfo",
-    "DisjointSets",
     "FaissDevice",
     "FaissIndex",
     "IndexSpec",

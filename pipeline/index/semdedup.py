@@ -4,8 +4,9 @@
 2. Inside each cluster every pair with cosine >= ``threshold`` is found exactly, by blocked
    matrix products (tiles of ``block_size`` x ``block_size``, so memory is bounded by the tile,
    not by the cluster).
-3. A union-find over those pairs forms duplicate groups (connected components: a ~ b ~ c puts
-   a and c together even when cos(a, c) < threshold).
+3. Those pairs form duplicate groups (connected components, scipy's, through
+   :class:`pipeline.components.PairComponents`: a ~ b ~ c puts a and c together even when
+   cos(a, c) < threshold).
 4. One row per group is kept: the first (lowest position) or the one with the highest quality
    score (ties to the lowest position).
 
@@ -25,59 +26,13 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from pipeline.components import PairComponents
 from pipeline.index.device import resolve_use_gpu
 from pipeline.index.faiss_index import as_float32_matrix, l2_normalize
 
 KeepRule = Literal["first", "quality"]
 
 KMEANS_POINTS_PER_CENTROID = 256  # training sample per centroid, as FAISS defaults to
-
-
-class DisjointSets:
-    """Union-find over ``n`` items with numpy-vectorised unions of whole pair arrays.
-
-    Roots are always the smallest member of a set, which makes the result independent of the
-    order in which pairs arrive.
-    """
-
-    def __init__(self, n: int) -> None:
-        self.parent = np.arange(n, dtype=np.int64)
-
-    def find(self, items: np.ndarray) -> np.ndarray:
-        items = np.asarray(items, dtype=np.int64)
-        root = self.parent[items]
-        while True:
-            up = self.parent[root]
-            if np.array_equal(up, root):
-                break
-            root = up
-        self.parent[items] = root  # path compression for the items asked about
-        return root
-
-    def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        a = np.asarray(a, dtype=np.int64)
-        b = np.asarray(b, dtype=np.int64)
-        while len(a):
-            ra, rb = self.find(a), self.find(b)
-            differ = ra != rb
-            if not differ.any():
-                return
-            a, b, ra, rb = a[differ], b[differ], ra[differ], rb[differ]
-            low, high = np.minimum(ra, rb), np.maximum(ra, rb)
-            # several pairs may try to re-parent the same root; minimum.at keeps one of them
-            # and the loop re-checks the rest against the updated forest
-            np.minimum.at(self.parent, high, low)
-
-    def roots(self) -> np.ndarray:
-        """Root (smallest member) of every item."""
-        parent = self.parent
-        while True:
-            up = parent[parent]
-            if np.array_equal(up, parent):
-                break
-            parent = up
-        self.parent = parent
-        return parent.copy()
 
 
 @dataclass(frozen=True)
@@ -155,9 +110,9 @@ def _kmeans_clusters(
 
 
 def _pairs_in_cluster(
-    members: np.ndarray, vectors: np.ndarray, threshold: float, block_size: int, sets: DisjointSets
+    members: np.ndarray, vectors: np.ndarray, threshold: float, block_size: int, sets: PairComponents
 ) -> int:
-    """Union every pair of ``members`` with cosine >= threshold; returns the pair count."""
+    """Link every pair of ``members`` with cosine >= threshold; returns the pair count."""
     x = l2_normalize(as_float32_matrix(vectors[members], vectors.shape[1]))
     m = len(members)
     found = 0
@@ -170,7 +125,7 @@ def _pairs_in_cluster(
                 hits = np.triu(hits, k=1)  # each unordered pair once, never (p, p)
             hit_r, hit_c = np.nonzero(hits)
             if len(hit_r):
-                sets.union(members[i + hit_r], members[j + hit_c])
+                sets.add(members[i + hit_r], members[j + hit_c])
                 found += len(hit_r)
     return found
 
@@ -234,7 +189,7 @@ def semdedup(
     kmeans_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    sets = DisjointSets(n)
+    sets = PairComponents(n)
     flat_labels = labels.ravel()
     flat_rows = np.repeat(np.arange(n, dtype=np.int64), labels.shape[1])
     order = np.argsort(flat_labels, kind="stable")  # rows of a cluster stay in position order
