@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ["pipeline.annotate", "pipeline.embed", "pipeline.index", "pipeline.select", "pipeline.curate",
-             "pipeline.io", "pipeline.evaluate", "schemas"]
+             "pipeline.io", "pipeline.evaluate", "pipeline.report", "schemas"]
 
 
 def _modules(package: str) -> list[str]:
