@@ -209,6 +209,42 @@ def test_quality_annotation_reads_its_input_from_object_storage(bucket_url, tmp_
     assert run_quality_annotation(bucket_url, "d", use_embeddings=False).skipped
 
 
+def test_llm_tag_stage_on_object_storage(bucket_url, tmp_path):
+    """The LLM tagger (no companion input) against a fake OpenAI-compatible endpoint on 127.0.0.1."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipeline.annotate.llm import LLMConfig
+    from pipeline.stages.instruction_annotations import run_tag_annotation
+
+    class Chat(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):  # noqa: N802 - http.server naming
+            self.rfile.read(int(self.headers["Content-Length"]))
+            content = json.dumps({"tags": [{"tag": "trivia", "explanation": "a question"}]})
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Chat)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        run_ingest([str(_jsonl(tmp_path / "a.jsonl", _qa("a", 6)))], bucket_url, "d")
+        config = LLMConfig(endpoint=f"http://127.0.0.1:{server.server_address[1]}/v1", model="fake",
+                           concurrency=2, timeout_s=5, max_retries=0)
+        res = run_tag_annotation(bucket_url, "d", "llm_tags", llm=config)
+        assert res.rows_out == 6 and res.extra["errors"] == {}
+    finally:
+        server.shutdown()
+        server.server_close()
+    tags = query.run_query(bucket_url, "SELECT sample_id, tags FROM tags").to_pylist()
+    assert len(tags) == 6 and all(r["tags"][0]["tag"] == "trivia" for r in tags)
+
+
 # ------------------------------------------------------------------ safety and refusals
 
 
