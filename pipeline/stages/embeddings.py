@@ -2,13 +2,23 @@
 
 Graph (both stages)::
 
-    shard paths -> Reshuffle -> ReadRows (one element per sample, keyed (shard, row, sample_id))
-                -> RunInference(KeyedModelHandler(...))   batched by BatchElements
-                -> (shard, (row, sample_id, vector)) -> GroupByKey(shard) -> WriteShard
+    shard paths -> Reshuffle -+-> ReadBatches (batches of ((shard, row, sample_id), input))
+                              |     -> RunInference(keyed handler, batches as they come)
+                              |     -> (shard, (tag, row, sample_id, vector)) -+
+                              +-> Markers (shard, None), CLIP: caption flags -----+-> Flatten
+                -> GroupByKey(shard) -> WriteShard
 
 so each input shard ``part-i-of-n`` yields an output shard of the same name with its rows in
 the same order. Every output table uses ``schemas.embedding_schema(dim)`` and carries in its
 metadata ``model``, ``weights_digest`` (sha256 of the state dict), ``normalized`` and ``dim``.
+
+Two rules keep the graph runnable on every Beam runner, Beam's Dask runner included:
+every step has a single output (branches read the shard paths side by side, rather than one
+DoFn emitting tagged outputs, which the Dask runner merges into one collection), and no step
+relies on what a DoFn emits from ``finish_bundle`` (the Dask runner drops it, and with it the
+last partial batch of Beam's ``BatchElements``). So the readers cut each shard into batches
+themselves and RunInference takes them as they are; a batch never spans two shards, which also
+makes the batches, and so the vectors, the same whatever the runner.
 
 * :func:`run_text_embedding`: instruction conversations -> one text each
   (:func:`conversation_text`) -> one encoder pass (default: the bundled all-MiniLM-L6-v2),
@@ -64,49 +74,83 @@ def conversation_text(messages: Sequence[dict[str, str]], max_chars: int = 1024)
 # Beam pieces
 # --------------------------------------------------------------------------------------------
 
-_MARKER = "markers"
+def shard_marker(shard_path: str) -> tuple[str, None]:
+    """``(shard, None)``: gives every shard a group downstream, so an empty one still writes its output."""
+    return Path(shard_path).name, None
 
 
-class ReadConversationTexts(beam.DoFn):
-    """Instruction shard -> ``((shard, row, sample_id), SpanText)``, plus one shard marker."""
+def _batches(items: list[Any], order: Iterable[int], batch_size: int) -> Iterator[list[Any]]:
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        yield [items[i] for i in order[start:start + batch_size]]
 
-    def __init__(self, max_chars: int) -> None:
-        self.max_chars = max_chars
 
-    def process(self, shard_path: str) -> Iterator[Any]:
+class ReadConversationBatches(beam.DoFn):
+    """Instruction shard -> batches of ``((shard, row, sample_id), SpanText)``, shortest texts first."""
+
+    def __init__(self, max_chars: int, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.max_chars, self.batch_size = max_chars, batch_size
+
+    def process(self, shard_path: str) -> Iterator[list[Any]]:
         name = Path(shard_path).name
         table = pq.read_table(shard_path, columns=["sample_id", "messages"])
         ids = table.column("sample_id").to_pylist()
-        items = [conversation_spans(m or [], self.max_chars) for m in table.column("messages").to_pylist()]
-        # Emitted shortest first: BatchElements cuts consecutive elements into batches, so
-        # similar lengths share a batch and little compute goes to padding. The row number in
-        # the key puts every vector back in shard order when the shard is written.
-        for row in sorted(range(len(items)), key=lambda i: len(items[i].text)):
-            yield ((name, row, ids[row]), items[row])
-            progress.tick(self)
-        # Every shard gets a group downstream, so an empty input shard still writes its output.
-        yield beam.pvalue.TaggedOutput(_MARKER, (name, None))
+        items = [((name, row, sid), conversation_spans(m or [], self.max_chars))
+                 for row, (sid, m) in enumerate(zip(ids, table.column("messages").to_pylist()))]
+        # Sorted by length, so similar lengths share a batch and little compute goes to padding
+        # (a stable sort: the same batches on every run). The row number in the key puts every
+        # vector back in shard order when the shard is written.
+        order = sorted(range(len(items)), key=lambda i: len(items[i][1].text))
+        for batch in _batches(items, order, self.batch_size):
+            yield batch
+            progress.tick(self, len(batch))
 
 
-class ReadImageTextRows(beam.DoFn):
-    """Image-text shard -> ``images``: ``(key, bytes)``, ``captions``: ``(key, caption)``, and
-    ``markers``: ``(shard, None)`` once plus ``(shard, ("flag", row, sid, has_caption))`` per row."""
+class ReadColumnBatches(beam.DoFn):
+    """Image-text shard -> batches of ``((shard, row, sample_id), value)`` of one column, in row order.
 
-    def process(self, shard_path: str) -> Iterator[Any]:
+    ``image``: the encoded image bytes; ``caption``: the caption text ("" when missing: every
+    sample gets a text vector). ``counts`` makes it the branch that reports progress.
+    """
+
+    def __init__(self, column: str, batch_size: int, counts: bool = False) -> None:
+        if column not in ("image", "caption"):
+            raise ValueError(f"column must be image or caption, got {column!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.column, self.batch_size, self.counts = column, batch_size, counts
+
+    def process(self, shard_path: str) -> Iterator[list[Any]]:
         name = Path(shard_path).name
-        table = pq.read_table(shard_path, columns=["sample_id", "caption", "image"])
+        table = pq.read_table(shard_path, columns=["sample_id", self.column])
         ids = table.column("sample_id").to_pylist()
-        captions = table.column("caption").to_pylist()
-        images = table.column("image")
-        for row, sid in enumerate(ids):
-            key = (name, row, sid)
-            caption = captions[row] or ""
-            yield beam.pvalue.TaggedOutput("images", (key, images[row].as_py()))
-            yield beam.pvalue.TaggedOutput("captions", (key, caption))
-            # An empty caption still gets a text vector (every sample has one) but no score.
-            yield beam.pvalue.TaggedOutput(_MARKER, (name, ("flag", row, sid, bool(caption.strip()))))
-            progress.tick(self)
-        yield beam.pvalue.TaggedOutput(_MARKER, (name, None))
+        values = table.column(self.column)
+        for start in range(0, len(ids), self.batch_size):
+            rows = range(start, min(start + self.batch_size, len(ids)))
+            if self.column == "caption":
+                batch = [((name, row, ids[row]), values[row].as_py() or "") for row in rows]
+            else:
+                batch = [((name, row, ids[row]), values[row].as_py()) for row in rows]
+            yield batch
+            if self.counts:
+                progress.tick(self, len(batch))
+
+
+class ReadCaptionFlags(beam.DoFn):
+    """Image-text shard -> ``(shard, ("flag", row, sample_id, has_caption))`` per row, then ``(shard, None)``.
+
+    An empty caption still gets a text vector (every sample has one) but no CLIP score.
+    """
+
+    def process(self, shard_path: str) -> Iterator[tuple[str, Any]]:
+        name = Path(shard_path).name
+        table = pq.read_table(shard_path, columns=["sample_id", "caption"])
+        for row, (sid, caption) in enumerate(zip(table.column("sample_id").to_pylist(),
+                                                  table.column("caption").to_pylist())):
+            yield name, ("flag", row, sid, bool((caption or "").strip()))
+        yield shard_marker(shard_path)
 
 
 def to_shard_value(keyed_vector: tuple[tuple[str, int, str], np.ndarray], tag: str = "") -> tuple[str, Any]:
@@ -315,7 +359,7 @@ def run_text_embedding(
         )
 
         from pipeline.embed.tiers import load_token_encoder
-        from pipeline.stages.model_handlers import SpanEmbeddingHandler, keyed
+        from pipeline.stages.model_handlers import SpanEmbeddingHandler, prebatched
 
         encoder = load_token_encoder(tier, model_ref, device)
         chars = max_chars or CHARS_PER_TOKEN * encoder.max_tokens
@@ -330,13 +374,13 @@ def run_text_embedding(
                                        batch_size=pick_batch_size(batch_size, runs_on),
                                        expected_digest=encoder.digest, fp32_digest=encoder.fp32_digest,
                                        local_workers=workers)
-        rows = (shard_paths
-                | "Spread" >> beam.Reshuffle()
-                | "ReadTexts" >> beam.ParDo(ReadConversationTexts(chars)).with_outputs(_MARKER, main="rows"))
-        vectors = (rows.rows
-                   | "Embed" >> RunInference(keyed(handler))
+        shards = shard_paths | "Spread" >> beam.Reshuffle()
+        markers = shards | "Markers" >> beam.Map(shard_marker)
+        vectors = (shards
+                   | "ReadTexts" >> beam.ParDo(ReadConversationBatches(chars, handler.batch_size))
+                   | "Embed" >> RunInference(prebatched(handler))
                    | "ByShard" >> beam.Map(to_shard_value))
-        return ((vectors, rows[_MARKER])
+        return ((vectors, markers)
                 | "Join" >> beam.Flatten()
                 | "GroupShard" >> beam.GroupByKey()
                 | "Write" >> beam.ParDo(WriteEmbeddingShard(str(staging), schema)))
@@ -415,7 +459,7 @@ def run_clip_embedding(
         from pipeline.stages.model_handlers import (
             ClipImageEmbeddingHandler,
             ClipTextEmbeddingHandler,
-            keyed,
+            prebatched,
         )
 
         clip = load()
@@ -432,16 +476,17 @@ def run_clip_embedding(
                             cache_dir=cache_dir)
         image_handler = ClipImageEmbeddingHandler(model_name, pretrained_ref, **handler_args)
         text_handler = ClipTextEmbeddingHandler(model_name, pretrained_ref, **handler_args)
-        rows = (shard_paths
-                | "Spread" >> beam.Reshuffle()
-                | "ReadRows" >> beam.ParDo(ReadImageTextRows()).with_outputs("images", "captions", _MARKER))
-        images = (rows.images
-                  | "EmbedImages" >> RunInference(keyed(image_handler))
+        shards = shard_paths | "Spread" >> beam.Reshuffle()
+        flags = shards | "ReadFlags" >> beam.ParDo(ReadCaptionFlags())
+        images = (shards
+                  | "ReadImages" >> beam.ParDo(ReadColumnBatches("image", batch_size, counts=True))
+                  | "EmbedImages" >> RunInference(prebatched(image_handler))
                   | "ImagesByShard" >> beam.Map(to_shard_value, "image"))
-        captions = (rows.captions
-                    | "EmbedCaptions" >> RunInference(keyed(text_handler))
+        captions = (shards
+                    | "ReadCaptions" >> beam.ParDo(ReadColumnBatches("caption", batch_size))
+                    | "EmbedCaptions" >> RunInference(prebatched(text_handler))
                     | "CaptionsByShard" >> beam.Map(to_shard_value, "text"))
-        return ((images, captions, rows[_MARKER])
+        return ((images, captions, flags)
                 | "Join" >> beam.Flatten()
                 | "GroupShard" >> beam.GroupByKey()
                 | "Write" >> beam.ParDo(WriteClipShard({k: str(v) for k, v in staging.items()}, part_schemas, key)))

@@ -2,8 +2,11 @@
 
 Each handler embeds a batch of plain inputs and returns one float32 vector per input, in input
 order. Wrap a handler with :func:`keyed` (Beam's ``KeyedModelHandler``) so that elements travel
-as ``(key, input)`` and come out as ``(key, vector)``; the embedding stages key by
-``(shard, row, sample_id)``.
+as ``(key, input)`` and come out as ``(key, vector)``, batched by RunInference's
+``BatchElements``; or with :func:`prebatched`, so that elements are ready-made lists of
+``(key, input)`` (what the embedding stages send, keyed by ``(shard, row, sample_id)``: they cut
+batches themselves so that no runner can drop a partial batch, see
+:mod:`pipeline.stages.embeddings`).
 
 Handlers are pickled into Beam workers, so they hold only names and settings; the model is
 loaded in ``load_model`` on the worker. Every worker checks the loaded weights against the
@@ -157,3 +160,13 @@ class ClipTextEmbeddingHandler(_ClipHandler):
 def keyed(handler: ModelHandler) -> KeyedModelHandler:
     """``(key, input)`` elements in, ``(key, vector)`` out; batching settings are kept."""
     return KeyedModelHandler(handler)
+
+
+def prebatched(handler: ModelHandler) -> ModelHandler:
+    """Elements are lists of ``(key, input)`` (one batch each); ``(key, vector)`` per input out.
+
+    RunInference then skips its ``BatchElements`` step, whose last partial batch is emitted from
+    ``finish_bundle``, which Beam's Dask runner drops. The handler's own batch settings are not
+    used: the batches are as the caller made them.
+    """
+    return KeyedModelHandler(handler).with_no_batching()

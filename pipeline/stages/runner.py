@@ -3,9 +3,14 @@
 Locally we run Beam's portable FnApiRunner directly: in one process (``workers == 1``) or with
 ``direct_running_mode=multi_processing`` (one SDK worker process per core). We never fall back to
 Beam's Prism runner, which downloads a binary and so fails offline. Any other runner (Flink,
-Spark, Dataflow) is used as soon as ``--runner`` appears in ``beam_args``; its options pass
+Spark, Dataflow, Dask) is used as soon as ``--runner`` appears in ``beam_args``; its options pass
 through unchanged. :func:`validate_beam_args` checks such arguments against the options Beam
 defines, so that a typo fails at once instead of being ignored by Beam.
+
+Beam's Dask runner (``--runner dask``, which Beam itself knows only by its full class name) runs
+on a dask.distributed cluster: ``--dask_client_address tcp://HOST:PORT`` names its scheduler;
+without an address (or ``--dask_scheduler_file``) :func:`run_pipeline` starts a local cluster of
+``workers`` processes for the run and stops it afterwards. See docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -31,17 +36,81 @@ from pipeline.stages.progress import verbose
 
 
 def make_pipeline_options(workers: int = 1, beam_args: list[str] | None = None) -> PipelineOptions:
-    args = list(beam_args or [])
+    """Options for a Thresher Beam job: the in-process runner with ``workers``, unless ``--runner``.
+
+    ``--runner dask`` (or ``DaskRunner``) becomes Beam's full Dask runner class name. On Dask, the
+    elements a stage starts from (input shards, input files) are its units of work, so unless
+    ``--dask_npartitions`` or ``--dask_partition_size`` is given each one gets its own Dask
+    partition: Beam's default of 128 elements a partition would put a whole stage on one worker
+    (its Dask runner does not redistribute at a ``Reshuffle``).
+    """
+    args = _normalise_runner(list(beam_args or []))
+    if is_dask_runner(args):
+        _check_dask_installed()
+        import apache_beam.runners.dask.dask_runner  # noqa: F401 - defines DaskOptions, so they parse
+    if is_dask_runner(args) and not any(a.split("=", 1)[0] in ("--dask_npartitions", "--dask_partition_size")
+                                        for a in args):
+        args.append("--dask_partition_size=1")
     opts = PipelineOptions(args)
+    direct = opts.view_as(DirectOptions)
     if not _explicit_runner(args):
-        direct = opts.view_as(DirectOptions)
         direct.direct_num_workers = max(1, workers)
         direct.direct_running_mode = "multi_processing" if workers > 1 else "in_memory"
+    elif is_dask_runner(args) and "--direct_num_workers" not in {a.split("=", 1)[0] for a in args}:
+        # Ignored by the Dask runner itself: run_pipeline reads it as the size of a local cluster.
+        direct.direct_num_workers = max(1, workers)
     return opts
 
 
 def _explicit_runner(args: list[str]) -> bool:
     return any(a == "--runner" or a.startswith("--runner=") for a in args)
+
+
+def _runner_value(args: list[str]) -> str | None:
+    value = None
+    for i, a in enumerate(args):
+        if a == "--runner" and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith("--runner="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def _is_dask_name(runner: str | None) -> bool:
+    return runner is not None and (runner.lower() in ("dask", "daskrunner") or runner == DASK_RUNNER)
+
+
+def is_dask_runner(beam_args: list[str] | None) -> bool:
+    """Whether ``beam_args`` choose Beam's Dask runner (by short or full name)."""
+    return _is_dask_name(_runner_value(list(beam_args or [])))
+
+
+def _normalise_runner(args: list[str]) -> list[str]:
+    """``--runner dask`` / ``DaskRunner`` -> Beam's full class name (the only one Beam accepts)."""
+    out = []
+    for i, a in enumerate(args):
+        if a.startswith("--runner=") and _is_dask_name(a.split("=", 1)[1]):
+            a = f"--runner={DASK_RUNNER}"
+        elif i > 0 and args[i - 1] == "--runner" and _is_dask_name(a):
+            a = DASK_RUNNER
+        out.append(a)
+    return out
+
+
+def _dask_missing() -> str | None:
+    import importlib.util
+
+    missing = [m for m in ("dask", "distributed") if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"--runner dask needs dask[distributed] ({' and '.join(missing)} not installed): "
+                "pip install 'dask[distributed]'")
+    return None
+
+
+def _check_dask_installed() -> None:
+    problem = _dask_missing()
+    if problem:
+        raise RuntimeError(problem)
 
 
 def run_pipeline(build: Callable[[beam.Pipeline], Any], options: PipelineOptions,
@@ -56,6 +125,8 @@ def run_pipeline(build: Callable[[beam.Pipeline], Any], options: PipelineOptions
     runner = None
     direct = options.view_as(DirectOptions)
     mode = direct.direct_running_mode
+    if _is_dask_name(options.view_as(StandardOptions).runner):
+        return _run_on_dask(build, options, progress_dir)
     if options.get_all_options().get("runner") is None:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
@@ -78,6 +149,47 @@ def run_pipeline(build: Callable[[beam.Pipeline], Any], options: PipelineOptions
         result.wait_until_finish()
     finally:
         direct.direct_running_mode = mode
+    return result
+
+
+def _run_on_dask(build: Callable[[beam.Pipeline], Any], options: PipelineOptions,
+                 progress_dir: str | os.PathLike[str] | None) -> Any:
+    """Run on Beam's Dask runner; a local cluster of ``workers`` processes when no scheduler is named.
+
+    Beam's runner opens a dask.distributed client per run and never closes it; it is closed here
+    once the run ends, so that a flow running many stages does not pile up connections (or, with
+    Beam's own default, whole local clusters).
+    """
+    _check_dask_installed()
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+
+    options.view_as(StandardOptions).runner = DASK_RUNNER  # a short name, when set programmatically
+    dask_opts = options.view_as(DaskOptions)
+    cluster = None
+    if not dask_opts.address and not dask_opts.scheduler_file:
+        from distributed import LocalCluster
+
+        # Worker processes (not threads): DoFns hold the GIL, and this is what a real cluster
+        # does. The dashboard is off: it needs bokeh and a port, neither wanted for one run.
+        workers = max(1, options.view_as(DirectOptions).direct_num_workers or 1)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               host="127.0.0.1", dashboard_address=None)
+        dask_opts.address = cluster.scheduler_address
+    result = None
+    try:
+        p = beam.Pipeline(options=options)
+        build(p)
+        if progress_dir is not None:
+            _stamp_progress(p, os.fspath(progress_dir))
+        result = p.run()
+        result.wait_until_finish()
+    finally:
+        client = getattr(result, "client", None)
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            dask_opts.address = None
+            cluster.close()
     return result
 
 
@@ -209,18 +321,23 @@ def beam_option_names() -> list[str]:
 
 
 def known_runner_names() -> list[str]:
-    """The short names ``--runner`` accepts (case-insensitive, the ``Runner`` suffix optional)."""
-    return list(StandardOptions.KNOWN_RUNNER_NAMES)
+    """The short names ``--runner`` accepts (case-insensitive, the ``Runner`` suffix optional).
+
+    Beam's own list, plus ``DaskRunner``, which :func:`make_pipeline_options` turns into the full
+    class name Beam needs.
+    """
+    return [*StandardOptions.KNOWN_RUNNER_NAMES, "DaskRunner"]
 
 
 def _runner_problem(runner: str) -> BeamArgProblem | None:
+    if _is_dask_name(runner):
+        missing = _dask_missing()
+        return BeamArgProblem("--runner", missing) if missing else None
     if "." in runner:  # a fully qualified PipelineRunner class: Beam imports it when the job starts
         return None
     names = {n.lower(): n for n in known_runner_names()}
     if runner.lower() in names or runner.lower() + "runner" in names or runner.lower() == "pythonrpcdirectrunner":
         return None
-    if runner.lower() in ("dask", "daskrunner"):
-        return BeamArgProblem("--runner", f"Beam knows the Dask runner only by its full name: --runner {DASK_RUNNER}")
     close = difflib.get_close_matches(runner, list(names.values()), n=1)
     hint = f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(names.values())}"
     return BeamArgProblem("--runner", f"unknown runner {runner!r} for --runner{hint}")
