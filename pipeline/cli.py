@@ -210,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if is_url(catalog):  # commands that read the catalog's local folders directly
             problems.append(f"thresher {args.command} does not support object-storage catalogs yet ({catalog})")
+    for flag in ("out", "output"):  # never a local folder named "s3:" by accident
+        target = getattr(args, flag, None)
+        if isinstance(target, str) and not getattr(mod, "OBJECT_STORAGE_OUT", False):
+            from pipeline.io.storage import is_url
+
+            if is_url(target):
+                problems.append(f"thresher {args.command} --{flag} does not support object storage yet ({target});"
+                                " write locally, then upload (pipeline.io.storage.publish_export for exports)")
     if problems:
         for problem in problems:
             print_error(leaf.prog, problem)

@@ -266,6 +266,10 @@ def test_unsupported_commands_and_stages_stop_at_once(bucket_url, tmp_path, caps
                      "--name", "n"]) == 2
     err = capsys.readouterr().err
     assert "does not support object-storage catalogs yet" in err and len(err.strip().splitlines()) == 1
+    assert cli.main(["export", "--catalog", str(tmp_path / "local"), "--format", "sharegpt", "--curated", "x",
+                     "--out", bucket_url + "/exports/x"]) == 2
+    assert "--out does not support object storage yet" in capsys.readouterr().err
+    assert not (tmp_path / "local").exists() and not Path("s3:").exists()
     cat = Catalog.at(bucket_url)
     with pytest.raises(ObjectStorageUnsupported, match="stage index_build does not support object-storage"):
         StageRun(cat, "index_build", "d", {"index": cat.index_dir("m", "d")}, {}, {})
@@ -286,3 +290,57 @@ def test_reopening_the_working_folder_gives_the_url_catalog(bucket_url):
     cat = Catalog.at(bucket_url)
     again = Catalog.at(cat.root)
     assert again.url == bucket_url and again.root == cat.root
+
+
+# ------------------------------------------------------------------ without conditional writes
+
+
+def test_memory_filesystem_catalog(tmp_path, monkeypatch):
+    """Any fsspec URL: memory:// has no conditional PUT, so the manifest is compared just before it."""
+    monkeypatch.setenv("THRESHER_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"memory://thresher-{uuid.uuid4().hex[:8]}/cat"
+    src = _jsonl(tmp_path / "a.jsonl", _qa("a", 9), bad=1)
+    first = run_ingest([str(src)], url, "d")
+    assert first.counts["samples"] == 9 and first.counts["rejects"] == 1
+    assert run_ingest([str(src)], url, "d").skipped
+    assert query.run_query(url, "SELECT count(*) AS n FROM samples").column("n")[0].as_py() == 9
+    assert not Catalog.at(url).storage.conditional
+
+
+# ------------------------------------------------------------------ exports to object storage
+
+
+def test_publish_export_to_s3(bucket_url, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.curate.materialise import export, materialise_instructions
+    from pipeline.io.storage import publish_export
+
+    cat = tmp_path / "cat"
+    run_ingest([str(_jsonl(tmp_path / "a.jsonl", _qa("a", 8)))], cat, "d")
+    ids = pq.read_table(Catalog.at(cat).samples_partition("instruction", "d")).column("sample_id").to_pylist()
+    picks = tmp_path / "picks.parquet"
+    pq.write_table(pa.table({"rank": list(range(5)), "sample_id": ids[:5], "gain": [1.0] * 5}), picks)
+    materialise_instructions(cat, "d", picks, "best")
+    local = tmp_path / "export"
+    manifest = export(cat, "best", "sharegpt", local)
+    target = bucket_url.rsplit("/", 1)[0] + "/exports/best"
+    urls = publish_export(local, target)
+    assert urls[-1] == target + "/manifest.json" and len(urls) == len(manifest["files"]) + 1
+    st = Catalog.at(bucket_url).storage
+    assert json.loads(st.fs.cat_file(target + "/manifest.json"))["rows"] == 5
+    rows = [json.loads(line) for f in manifest["files"]
+            for line in st.fs.cat_file(f"{target}/{f}").decode().splitlines() if line.strip()]
+    assert len(rows) == 5
+
+    with pytest.raises(FileExistsError, match="not empty"):
+        publish_export(local, target)
+    st.fs.pipe_file(target + "/stale.txt", b"old")  # replaced whole, never merged
+    publish_export(local, target, overwrite=True)
+    st.fs.invalidate_cache()
+    assert not st.fs.exists(target + "/stale.txt") and not st.fs.exists(target + "/_PUBLISHING.json")
+    other = bucket_url.rsplit("/", 1)[0] + "/not-an-export"
+    st.fs.pipe_file(other + "/precious.bin", b"x")
+    with pytest.raises(FileExistsError, match="no Thresher export"):
+        publish_export(local, other, overwrite=True)

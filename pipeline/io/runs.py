@@ -301,6 +301,7 @@ class StageRun:
         self._lock = Lock(self.root, self.key)
         self._committed = False
         self._base: dict[str, str | None] = {}
+        self._current: dict[str, Any] | None = None  # the manifest's folders when the run started
 
     # ---------------------------------------------------------------- enter / exit
     def __enter__(self) -> "StageRun":
@@ -309,8 +310,9 @@ class StageRun:
         try:
             self._clean_orphans()
             if self.remote:
-                current = self.cat.storage.current()
-                self._base = {self._rel(p): (current.get(self._rel(p)) or {}).get("version")
+                self.cat.storage.check_reachable()
+                self._current = self.cat.storage.current()
+                self._base = {self._rel(p): (self._current.get(self._rel(p)) or {}).get("version")
                               for p in self.outputs.values()}
             self._check_skip()
             if not self.skipped:
@@ -327,9 +329,14 @@ class StageRun:
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
             if exc is not None and not self.skipped and not self._committed:
-                self._ledger("failed", {}, {"total": round(time.perf_counter() - self.t0, 3)},
-                             error=f"{exc_type.__name__}: {exc}",
-                             trace="".join(traceback.format_exception(exc_type, exc, tb))[-4000:])
+                try:
+                    self._ledger("failed", {}, {"total": round(time.perf_counter() - self.t0, 3)},
+                                 error=f"{exc_type.__name__}: {exc}",
+                                 trace="".join(traceback.format_exception(exc_type, exc, tb))[-4000:])
+                except Exception as ledger_exc:  # noqa: BLE001 - e.g. the object store is unreachable:
+                    # the run's own error is the one to report, not the ledger's
+                    log.warning("%s: could not record the failed run %s in the ledger: %s",
+                                self.stage, self.run_id, ledger_exc)
             if not (self.area / JOURNAL).exists():  # a journal left by a crash is recovered, not dropped
                 shutil.rmtree(self.area, ignore_errors=True)
             try:
@@ -357,7 +364,7 @@ class StageRun:
                     if recorded is not None and "version" not in recorded:
                         problem = "the completion marker is not an object-storage one"
                     else:
-                        problem = self.cat.storage.verify(self._rel(final), recorded)
+                        problem = self.cat.storage.verify(self._rel(final), recorded, self._current)
                 else:
                     problem = verify_folder(final, manifests.get(name))
                 if problem:

@@ -125,8 +125,11 @@ class Storage:
         # One PUT: an object appears whole or not at all.
         self.fs.pipe_file(self.path(rel), json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
-    def exists(self) -> bool:
-        return self.read_manifest()[0] is not None or bool(self._ls(self.base))
+    def check_reachable(self) -> None:
+        """Fail before any work when the bucket is missing (credentials fail here too)."""
+        if self.protocol in ("s3", "s3a", "gs", "gcs") and not self.fs.exists(self.base.split("/", 1)[0]):
+            raise FileNotFoundError(f"bucket {self.base.split('/', 1)[0]} does not exist (catalog {self.url});"
+                                    " create it first")
 
     def _ls(self, path: str) -> list[dict[str, Any]]:
         self.fs.invalidate_cache(path)
@@ -249,7 +252,10 @@ class Storage:
                 else:
                     self.fs.pipe_file(path, data, IfMatch=token)
             except (FileExistsError, OSError) as exc:
-                if isinstance(exc, FileExistsError) or "pre-condition" in str(exc) or "PreconditionFailed" in str(exc):
+                text = str(exc)
+                # 412 (the manifest changed) or 409 (a concurrent conditional write won the race)
+                if isinstance(exc, FileExistsError) or any(k in text for k in ("pre-condition", "PreconditionFailed",
+                                                                                "ConditionalRequestConflict")):
                     return False
                 raise
             return True
@@ -275,11 +281,12 @@ class Storage:
                 logging.getLogger("thresher").warning("could not delete old version %s: %s", self.uri(info["name"]), exc)
 
     # ------------------------------------------------------------ verify and read
-    def verify(self, rel: str, recorded: dict[str, Any] | None) -> str | None:
+    def verify(self, rel: str, recorded: dict[str, Any] | None,
+               current: dict[str, dict[str, Any]] | None = None) -> str | None:
         """None when folder ``rel`` still holds what ``recorded`` (its entry at commit) says."""
         if recorded is None:
             return None
-        entry = self.current().get(rel)
+        entry = (current if current is not None else self.current()).get(rel)
         where = self.uri(self.path(rel))
         if entry is None:
             return f"{where} is missing from the catalog manifest"
@@ -341,3 +348,57 @@ def storage_for(url: str) -> Storage:
     if url not in _STORAGES:
         _STORAGES[url] = Storage(url)
     return _STORAGES[url]
+
+
+# ------------------------------------------------------------------------ exports to a URL
+
+EXPORT_MANIFEST = "manifest.json"  # written by every Thresher export, last
+PUBLISHING = "_PUBLISHING.json"  # present while a publish is under way (or was cut short)
+
+
+def publish_export(local: Path, url: str, overwrite: bool = False) -> list[str]:
+    """Upload a finished local export folder (data files + ``manifest.json``) to ``url``.
+
+    There is no atomic folder swap on object storage, so ``manifest.json`` marks completeness: it
+    is uploaded last, after every data file was checked, and removed first when an export is
+    replaced. A trainer that starts from ``manifest.json`` sees one whole export or none. A
+    non-empty target is refused unless ``overwrite``; a target holding neither a Thresher export
+    nor an interrupted publish (``_PUBLISHING.json``) is never replaced. Returns the uploaded URLs.
+    """
+    import fsspec
+
+    if not (local / EXPORT_MANIFEST).is_file():
+        raise FileNotFoundError(f"{local} holds no finished export ({EXPORT_MANIFEST} is missing)")
+    fs, base = fsspec.core.url_to_fs(url.rstrip("/"), **storage_options())
+    base = base.rstrip("/")
+    fs.invalidate_cache(base)
+    try:
+        existing = sorted(fs.find(base))
+    except FileNotFoundError:
+        existing = []
+    if existing:
+        names = {p[len(base) + 1:] for p in existing}
+        if not overwrite:
+            raise FileExistsError(f"{url} is not empty; pass --overwrite to replace the export there")
+        if not names & {EXPORT_MANIFEST, PUBLISHING}:
+            raise FileExistsError(f"{url} holds objects but no Thresher export ({EXPORT_MANIFEST}); refusing to"
+                                  " replace it: choose another --out")
+    fs.pipe_file(f"{base}/{PUBLISHING}", json.dumps({"started_at": _now()}).encode())
+    if existing:
+        # The old manifest goes first: from here on the target reads as "no complete export".
+        if f"{base}/{EXPORT_MANIFEST}" in existing:
+            fs.rm_file(f"{base}/{EXPORT_MANIFEST}")
+        rest = [p for p in existing if p not in (f"{base}/{EXPORT_MANIFEST}", f"{base}/{PUBLISHING}")]
+        if rest:
+            fs.rm(rest)
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != EXPORT_MANIFEST)
+    names = [p.relative_to(local).as_posix() for p in files]
+    if files:
+        fs.put([str(p) for p in files], [f"{base}/{n}" for n in names])
+    fs.invalidate_cache(base)
+    for name, path in zip(names, files):
+        if fs.size(f"{base}/{name}") != path.stat().st_size:
+            raise OSError(f"upload of {path} to {url}/{name} did not complete; {EXPORT_MANIFEST} was not written")
+    fs.put_file(str(local / EXPORT_MANIFEST), f"{base}/{EXPORT_MANIFEST}")
+    fs.rm_file(f"{base}/{PUBLISHING}")
+    return [fs.unstrip_protocol(f"{base}/{n}") for n in [*names, EXPORT_MANIFEST]]
