@@ -15,23 +15,25 @@ from typing import Any
 from prefect import flow, task
 
 from flows.ingest import IngestSpec, ingest_task
+from pipeline.registry import ANNOTATORS, EMBEDDERS, EXPORTERS
 
 RETRIES = {"retries": 2, "retry_delay_seconds": 5}
 
 
-@task(name="annotate-caption-concepts", **RETRIES)
-def concepts_task(catalog: str, dataset: str, workers: int, force: bool) -> dict[str, Any]:
-    from pipeline.stages.concepts import run_caption_concepts
-
-    return asdict(run_caption_concepts(catalog, dataset, workers=workers, force=force))
+@task(name="annotate-concepts", **RETRIES)
+def concepts_task(catalog: str, dataset: str, workers: int, force: bool,
+                  annotator: str = "caption_concepts", params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One registered concept annotator (``pipeline.registry.ANNOTATORS``) over the dataset."""
+    entry = ANNOTATORS[annotator]
+    return asdict(entry.load()(catalog, dataset, workers=workers, force=force, **entry.validate(params)))
 
 
 @task(name="embed-clip", **RETRIES)
 def clip_task(catalog: str, dataset: str, model_name: str, pretrained: str | None, workers: int,
               force: bool) -> dict[str, Any]:
-    from pipeline.stages.embeddings import run_clip_embedding
-
-    res = run_clip_embedding(catalog, dataset, model_name, pretrained, workers=workers, force=force)
+    entry = EMBEDDERS["clip"]
+    res = entry.load()(catalog, dataset, workers=workers, force=force,
+                       **entry.validate({"model_name": model_name, "pretrained": pretrained}))
     return {"image_model": res.image.model, "text_model": res.text.model, "clip_score": res.clip_score_stats}
 
 
@@ -45,22 +47,36 @@ def index_task(catalog: str, dataset: str, model: str, threshold: float, force: 
 
 
 @task(name="plan-cabs", **RETRIES)
+def cabs_task(catalog: str, dataset: str, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """CABS batch plan into ``selections/<name>/`` (skipped when nothing changed); its report."""
+    from pipeline.select.protocol import select_into_catalog
+
+    return select_into_catalog("cabs", catalog, name, params, dataset=dataset).report.to_dict()
+
+
+@task(name="plan-cabs", **RETRIES)
 def plan_task(catalog: str, dataset: str, near_dup_annotator: str | None, mode: str, filter_ratio: float,
               superbatch: int, steps: int, seed: int, out: str) -> dict[str, Any]:
-    from pipeline.curate import cabs_plan
+    """The older calling form: CABS into ``selections/<name>/`` (``name``: ``out``'s file name less
+    ``.plan.parquet``) with a copy of the plan at ``out``."""
+    from pipeline.select.protocol import select_into_catalog
 
-    pool = cabs_plan.concepts_from_catalog(catalog, dataset, near_duplicates=near_dup_annotator)
-    table, report = cabs_plan.plan(pool, mode, filter_ratio, min(superbatch, len(pool.sample_ids)), steps, seed)
-    cabs_plan.write_plan(table, report, out, {"dataset": dataset, "mode": mode, "filter_ratio": filter_ratio,
-                                              "superbatch": superbatch, "steps": steps, "seed": seed})
-    return asdict(report)
+    name = Path(out).name.removesuffix(".parquet").removesuffix(".plan")
+    params = {"near_dups": near_dup_annotator, "mode": mode, "filter_ratio": filter_ratio, "superbatch": superbatch,
+              "fit_superbatch": True, "steps": steps, "seed": seed}
+    return select_into_catalog("cabs", catalog, name, params, dataset=dataset, out=out).report.to_dict()
 
 
 @task(name="export-webdataset", **RETRIES)
-def export_task(catalog: str, dataset: str, plan: str, out_dir: str) -> dict[str, Any]:
-    from pipeline.curate.webdataset_export import export_plan
+def export_task(catalog: str, dataset: str, selection: str, out_dir: str) -> dict[str, Any]:
+    """The batch plan ``selection`` (a name in selections/, or a plan file) as WebDataset shards."""
+    entry = EXPORTERS["webdataset"]
+    if selection.endswith(".parquet"):  # a plan file (the older calling form)
+        from pipeline.curate.webdataset_export import export_plan
 
-    return export_plan(catalog, dataset, plan, out_dir, overwrite=True)  # the flow owns this folder
+        return export_plan(catalog, dataset, selection, out_dir, overwrite=True)
+    # the flow owns this folder: a re-run replaces its previous export
+    return entry.load()(catalog, selection, out_dir, True, **entry.validate({"dataset": dataset}))
 
 
 @flow(name="curate_image_text", log_prints=True)
@@ -74,13 +90,14 @@ def curate_image_text(spec: IngestSpec, catalog: str, model_name: str = "ViT-B-3
     out["clip"] = clip_task(catalog, spec.dataset, model_name, pretrained, workers, force)
     out["index"] = index_task(catalog, spec.dataset, out["clip"]["image_model"], near_dup_threshold, force)
     name = f"{spec.dataset}_cabs_{mode}"
-    plan = str(Path(catalog) / "selections" / f"{name}.plan.parquet")
     # Random-init CLIP embeddings are nearly collinear: their "near-duplicates" would swallow the
     # pool. Only a pretrained model's groups are allowed to remove samples from the plan.
     near_dup = f"near_dup_{out['clip']['image_model']}" if pretrained else None
     if not pretrained:
         print(f"no pretrained CLIP weights given: {model_name} has random weights, so its near-duplicate "
               "groups are recorded but not used to drop samples")
-    out["plan"] = plan_task(catalog, spec.dataset, near_dup, mode, filter_ratio, superbatch, steps, seed, plan)
-    out["export"] = export_task(catalog, spec.dataset, plan, str(Path(catalog) / "exports" / name))
+    out["plan"] = cabs_task(catalog, spec.dataset, name, {
+        "near_dups": near_dup, "mode": mode, "filter_ratio": filter_ratio, "superbatch": superbatch,
+        "fit_superbatch": True, "steps": steps, "seed": seed})
+    out["export"] = export_task(catalog, spec.dataset, name, str(Path(catalog) / "exports" / name))
     return out

@@ -17,30 +17,36 @@ from typing import Any
 from prefect import flow, task
 
 from flows.ingest import IngestSpec, ingest_task
+from pipeline.registry import ANNOTATORS, EMBEDDERS, EXPORTERS
 
 RETRIES = {"retries": 2, "retry_delay_seconds": 5}
 CHAIN_TIERS = ("fp32", "int8")  # encoder tiers whose outputs agree with fp32 closely enough (docs/embedding_tiers.md)
 
 
+@task(name="annotate", **RETRIES)
+def annotate_task(catalog: str, dataset: str, annotator: str, workers: int, force: bool,
+                  params: dict[str, Any]) -> dict[str, Any]:
+    """One registered annotator (``pipeline.registry.ANNOTATORS``) over the dataset."""
+    entry = ANNOTATORS[annotator]
+    return asdict(entry.load()(catalog, dataset, workers=workers, force=force, **entry.validate(params)))
+
+
 @task(name="annotate-tags", **RETRIES)
 def tags_task(catalog: str, dataset: str, workers: int, force: bool, tier: str = "fp32") -> dict[str, Any]:
-    from pipeline.stages.instruction_annotations import run_tag_annotation
-
-    return asdict(run_tag_annotation(catalog, dataset, workers=workers, force=force, tier=tier))
+    entry = ANNOTATORS["offline_tags"]
+    return asdict(entry.load()(catalog, dataset, workers=workers, force=force, **entry.validate({"tier": tier})))
 
 
 @task(name="annotate-quality", **RETRIES)
 def quality_task(catalog: str, dataset: str, workers: int, force: bool, tier: str = "fp32") -> dict[str, Any]:
-    from pipeline.stages.instruction_annotations import run_quality_annotation
-
-    return asdict(run_quality_annotation(catalog, dataset, workers=workers, force=force, tier=tier))
+    entry = ANNOTATORS["offline_quality"]
+    return asdict(entry.load()(catalog, dataset, workers=workers, force=force, **entry.validate({"tier": tier})))
 
 
 @task(name="embed-text", **RETRIES)
 def embed_task(catalog: str, dataset: str, workers: int, force: bool, tier: str = "fp32") -> dict[str, Any]:
-    from pipeline.stages.embeddings import run_text_embedding
-
-    return asdict(run_text_embedding(catalog, dataset, workers=workers, force=force, tier=tier))
+    entry = EMBEDDERS["text"]
+    return asdict(entry.load()(catalog, dataset, workers=workers, force=force, **entry.validate({"tier": tier})))
 
 
 @task(name="index-and-near-duplicates", **RETRIES)
@@ -52,25 +58,35 @@ def index_task(catalog: str, dataset: str, model: str, threshold: float, force: 
     return {"index": asdict(index), "near_duplicates": asdict(near)}
 
 
-@task(name="select-mig", **RETRIES)
-def mig_task(catalog: str, dataset: str, budget: int, near_dup_annotator: str, out: str) -> dict[str, Any]:
-    from pipeline.curate import mig_pool
-    from pipeline.select.mig import MIGConfig
+@task(name="select", **RETRIES)
+def select_task(catalog: str, dataset: str, selector: str, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A registered selector into ``selections/<name>/`` (skipped when nothing changed); its report."""
+    from pipeline.select.protocol import select_into_catalog
 
-    pool = mig_pool.pool_from_catalog(catalog, dataset, near_duplicates=near_dup_annotator)
-    table, report = mig_pool.select(pool, min(budget, len(pool.sample_ids)), MIGConfig())
-    mig_pool.write_selection(table, report, out, {"dataset": dataset, "budget": budget,
-                                                  **MIGConfig().__dict__})
-    return asdict(report)
+    result = select_into_catalog(selector, catalog, name, params, dataset=dataset)
+    return result.report.to_dict()
+
+
+@task(name="select-mig", **RETRIES)
+def mig_task(catalog: str, dataset: str, budget: int, near_dup_annotator: str | None, out: str) -> dict[str, Any]:
+    """MIG into ``selections/<name>/`` (``name``: ``out``'s file name less ``.picks.parquet``) with a
+    copy of the picks at ``out``: the older calling form, kept for flows that curate from a file."""
+    from pipeline.select.protocol import select_into_catalog
+
+    name = Path(out).name.removesuffix(".parquet").removesuffix(".picks")
+    params = {"budget": budget, "fit_budget": True, "keep_near_duplicates": near_dup_annotator is None,
+              **({"near_dups": near_dup_annotator} if near_dup_annotator else {})}
+    return select_into_catalog("mig", catalog, name, params, dataset=dataset, out=out).report.to_dict()
 
 
 @task(name="curate-and-export", **RETRIES)
-def curate_task(catalog: str, dataset: str, picks: str, name: str, export_dir: str,
+def curate_task(catalog: str, dataset: str, selection: str, name: str, export_dir: str,
                 formats: list[str]) -> dict[str, Any]:
-    from pipeline.curate.materialise import export, materialise_instructions
+    from pipeline.curate.materialise import materialise_instructions
 
-    curated = materialise_instructions(catalog, dataset, picks, name, "mig")
-    manifests = {fmt: export(catalog, name, fmt, Path(export_dir) / fmt, overwrite=True) for fmt in formats}
+    curated = materialise_instructions(catalog, dataset, None, name, selection=selection)
+    # the flow owns these folders: a re-run replaces its previous exports
+    manifests = {fmt: EXPORTERS[fmt].load()(catalog, name, str(Path(export_dir) / fmt), True) for fmt in formats}
     return {"curated": asdict(curated), "exports": {k: v["rows"] for k, v in manifests.items()}}
 
 
@@ -88,6 +104,10 @@ def curate_instructions(spec: IngestSpec, catalog: str, budget: int, name: str |
     """
     if tier not in CHAIN_TIERS:
         raise ValueError(f"tier {tier!r} is not one curate_instructions runs on; choose one of {CHAIN_TIERS}")
+    valid = EXPORTERS.names(kind="instruction")
+    for fmt in export_formats:
+        if fmt not in valid:
+            raise ValueError(f"export format {fmt!r} is not an instruction exporter; choose from: {', '.join(valid)}")
     name = name or f"{spec.dataset}_mig{budget}"
     out: dict[str, Any] = {"ingest": ingest_task(spec, catalog, workers, None, force)}
     out["embed"] = embed_task(catalog, spec.dataset, workers, force, tier)
@@ -95,8 +115,9 @@ def curate_instructions(spec: IngestSpec, catalog: str, budget: int, name: str |
     out["quality"] = quality_task(catalog, spec.dataset, workers, force, tier)
     model = out["embed"]["model"]
     out["index"] = index_task(catalog, spec.dataset, model, near_dup_threshold, force)
-    picks = str(Path(catalog) / "selections" / f"{name}.picks.parquet")
-    out["mig"] = mig_task(catalog, spec.dataset, budget, f"near_dup_{model}", picks)
-    out["curate"] = curate_task(catalog, spec.dataset, picks, name, str(Path(catalog) / "exports" / name),
+    # the selection is selections/<name>/; the pool leaves out the near-copies the index stage marked
+    out["mig"] = select_task.with_options(name="select-mig")(
+        catalog, spec.dataset, "mig", name, {"budget": budget, "fit_budget": True, "near_dups": f"near_dup_{model}"})
+    out["curate"] = curate_task(catalog, spec.dataset, name, name, str(Path(catalog) / "exports" / name),
                                 list(export_formats))
     return out

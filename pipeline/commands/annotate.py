@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
 from pipeline.commands import add_catalog_argument
 from pipeline.embed.tiers import TIERS
+from pipeline.registry import ANNOTATORS
 
 NAME = "annotate"
 HELP = "tag instructions (InsTag-style) or score them (DEITA-style), offline or via an LLM endpoint"
 PASSES_EXTRA_ARGS = True  # Beam pipeline options of tags/quality pass through
 
 
-def _stage_arguments(p: argparse.ArgumentParser) -> None:
+def _stage_arguments(p: argparse.ArgumentParser, group: str) -> None:
     add_catalog_argument(p)
     p.add_argument("--dataset", required=True, help="instruction dataset partition to annotate")
-    p.add_argument("--annotator", choices=["offline", "llm"], default="offline",
-                   help="offline: MiniLM + rules / heuristics (default); llm: an OpenAI-compatible endpoint")
+    options = ANNOTATORS.options(group)
+    p.add_argument("--annotator", choices=options, default=options[0],
+                   help="; ".join(f"{e.option}: {e.help}" for e in ANNOTATORS.values() if e.group == group))
     p.add_argument("--name", default=None,
                    help="output folder under annotations/ (default offline_<kind> or llm_<kind>; must end with _<kind>)")
     p.add_argument("--workers", type=int, default=1, help="in-process Beam workers (processes)")
@@ -44,99 +43,44 @@ def _stage_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", required=True)
     tags = sub.add_parser("tags", help="InsTag-style intention tags -> annotations/<offline|llm>_tags/")
-    _stage_arguments(tags)
+    _stage_arguments(tags, "tags")
     tags.add_argument("--vocabulary", default=None, help="tag TSV for the offline tagger (default: the shipped one)")
     tags.add_argument("--top-k", type=int, default=None, help="offline: embedding proposals per sample")
     tags.add_argument("--threshold", type=float, default=None, help="offline: cosine a proposal must reach")
     quality = sub.add_parser("quality", help="DEITA-style quality x complexity -> annotations/<offline|llm>_quality/")
-    _stage_arguments(quality)
+    _stage_arguments(quality, "quality")
     quality.add_argument("--no-embed", action="store_true",
                          help="offline: score without the on-topic feature (needs no text embeddings)")
-    vocab = sub.add_parser("tag-vocab", help="normalise, merge and prune a tag list; report what was done")
-    vocab.set_defaults(passes_extra_args=False)  # not a Beam job: no pass-through flags
-    vocab.add_argument("--input", required=True, help="text file: one tag per line, or tag<TAB>count")
-    vocab.add_argument("--report", action="store_true", help="print every merge and drop, not only the totals")
-    vocab.add_argument("--min-frequency", type=int, default=1, help="drop merged tags seen fewer times")
-    vocab.add_argument("--fuzzy-threshold", type=float, default=0.92, help="merge when string ratio exceeds this")
-    vocab.add_argument("--embed-threshold", type=float, default=0.95, help="merge when MiniLM cosine exceeds this")
-    vocab.add_argument("--no-embed", action="store_true", help="merge on string similarity only")
-    vocab.add_argument("--output", default=None, help="write the mapping raw<TAB>canonical (empty: dropped)")
-    vocab.add_argument("--json", default=None, help="write the full report as JSON")
+    from pipeline.commands import vocab
+
+    old = sub.add_parser("tag-vocab", help="deprecated spelling of `thresher vocab tags`")
+    old.set_defaults(passes_extra_args=False)  # not a Beam job: no pass-through flags
+    vocab.add_tag_arguments(old)
 
 
-def _llm_config(args: argparse.Namespace):
-    from pipeline.annotate.llm import LLMConfig
+def _run_stage(args: argparse.Namespace, beam_args: list[str]) -> int:
+    """The registered annotator ``<--annotator>_<tags|quality>``, called with its parameters."""
+    from pipeline.stages.instruction_annotations import stage_summary
 
-    if not args.endpoint or not args.model:
+    entry = ANNOTATORS.find(args.what, args.annotator)
+    params = {p.name: getattr(args, p.name) for p in entry.params if hasattr(args, p.name)}
+    if any(p.name == "use_embeddings" for p in entry.params):
+        params["use_embeddings"] = not args.no_embed
+    if entry.option == "llm" and not (args.endpoint and args.model):
         raise ValueError("--annotator llm needs --endpoint URL and --model NAME")
-    return LLMConfig(endpoint=args.endpoint, model=args.model, api_key=os.environ.get(args.api_key_env) or None,
-                     concurrency=args.concurrency, timeout_s=args.timeout, max_retries=args.retries,
-                     max_tokens=args.max_tokens)
-
-
-def _run_tags(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from dataclasses import replace
-
-    from pipeline.annotate.tags import TaggerConfig
-    from pipeline.stages import instruction_annotations as stage
-
-    if args.annotator == "llm":
-        result = stage.run_tag_annotation(args.catalog, args.dataset, stage.LLM_TAGS, llm=_llm_config(args),
-                                          cache_path=args.cache, name=args.name, workers=args.workers,
-                                          beam_args=beam_args, force=args.force)
-    else:
-        config = TaggerConfig()
-        if args.top_k is not None:
-            config = replace(config, top_k=args.top_k)
-        if args.threshold is not None:
-            config = replace(config, threshold=args.threshold)
-        result = stage.run_tag_annotation(args.catalog, args.dataset, stage.OFFLINE_TAGS, vocabulary=args.vocabulary,
-                                          tagger_config=config, device=args.device, tier=args.tier, name=args.name,
-                                          workers=args.workers, beam_args=beam_args, force=args.force)
-    print(stage.stage_summary(result))
-    return 0
-
-
-def _run_quality(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipeline.stages import instruction_annotations as stage
-
-    if args.annotator == "llm":
-        result = stage.run_quality_annotation(args.catalog, args.dataset, stage.LLM_QUALITY, llm=_llm_config(args),
-                                              cache_path=args.cache, name=args.name, workers=args.workers,
-                                              beam_args=beam_args, force=args.force)
-    else:
-        result = stage.run_quality_annotation(args.catalog, args.dataset, stage.OFFLINE_QUALITY,
-                                              use_embeddings=not args.no_embed, tier=args.tier, name=args.name,
-                                              workers=args.workers, beam_args=beam_args, force=args.force)
-    print(stage.stage_summary(result))
-    return 0
-
-
-def _run_tag_vocab(args: argparse.Namespace) -> int:
-    from pipeline.annotate.tags import consolidate_tags, read_tag_list
-
-    counts = read_tag_list(args.input)
-    report = consolidate_tags(counts, min_frequency=args.min_frequency, fuzzy_threshold=args.fuzzy_threshold,
-                              embed_threshold=args.embed_threshold, embedder=False if args.no_embed else None)
-    lines = report.summary_lines(examples=10**9 if args.report else 0)
-    print("\n".join(lines))
-    if args.output:
-        out = Path(args.output)
-        out.write_text("".join(f"{raw}\t{canon or ''}\n" for raw, canon in sorted(report.mapping.items())),
-                       encoding="utf-8")
-        print(f"mapping written to {out}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
-        print(f"report written to {args.json}")
+    params = entry.validate(params)
+    result = entry.load()(args.catalog, args.dataset, workers=args.workers, force=args.force,
+                          beam_args=beam_args, **params)
+    print(stage_summary(result))
     return 0
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.what == "tag-vocab":
+        from pipeline.commands import vocab
+
+        print("thresher annotate tag-vocab is deprecated; use `thresher vocab tags` (same options)", file=sys.stderr)
         if beam_args:
-            print(f"thresher annotate tag-vocab: unrecognised arguments: {' '.join(beam_args)}", file=sys.stderr)
-            return 2
-        return _run_tag_vocab(args)
-    if args.what == "tags":
-        return _run_tags(args, beam_args)
-    return _run_quality(args, beam_args)
+            raise ValueError(f"unrecognised arguments: {' '.join(beam_args)}")
+        return vocab.run_tags(args)
+    return _run_stage(args, beam_args)

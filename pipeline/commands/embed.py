@@ -6,20 +6,21 @@ import argparse
 import sys
 
 from pipeline.commands import add_catalog_argument
-from pipeline.embed.tiers import TIERS
+from pipeline.registry import EMBEDDERS, KINDS
 
 NAME = "embed"
 HELP = "embed a dataset's samples (a Beam job with RunInference; Beam pipeline options such as --runner pass through)"
 PASSES_EXTRA_ARGS = True
 
-DEFAULT_CLIP_MODEL = "ViT-B-32"
+DEFAULT_CLIP_MODEL = EMBEDDERS["clip"].param("model_name").default
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_catalog_argument(p)
     p.add_argument("--dataset", required=True, help="dataset partition to embed")
-    p.add_argument("--kind", choices=["instruction", "image_text"], default=None,
-                   help="sample kind (default: the one the dataset has)")
+    p.add_argument("--kind", choices=KINDS, default=None,
+                   help="sample kind (default: the one the dataset has): " + "; ".join(
+                       f"{e.kind}: {e.name} ({e.help})" for e in EMBEDDERS.values()))
     p.add_argument("--model", default=None,
                    help="instruction: sentence-transformers folder or cached name (default: bundled "
                         "all-MiniLM-L6-v2); image_text: open_clip architecture (default: ViT-B-32; "
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inference batch size (default: 64 on a CPU; text on a GPU: what half its free memory holds)")
     p.add_argument("--max-chars", type=int, default=None,
                    help="instruction: characters of each conversation to embed (default: 4 x model max tokens)")
-    p.add_argument("--tier", choices=TIERS, default="fp32",
+    p.add_argument("--tier", choices=EMBEDDERS["text"].param("tier").choice_values(), default="fp32",
                    help="instruction: fp32 (the model as it is), int8 (dynamic int8 ONNX graph of it) or static "
                         "(distilled static embeddings); see docs/embedding_tiers.md")
     p.add_argument("--seed", type=int, default=0, help="image_text with random weights: init seed")
@@ -55,26 +56,21 @@ def detect_kind(catalog: str, dataset: str) -> str:
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     kind = args.kind or detect_kind(args.catalog, args.dataset)
+    entry = next(e for e in EMBEDDERS.values() if e.kind == kind)
     if kind == "instruction":
         if args.pretrained:
             raise ValueError("--pretrained applies to image_text (open_clip) models; for text pass --model FOLDER")
-        from pipeline.stages.embeddings import run_text_embedding
-
-        result = run_text_embedding(args.catalog, args.dataset, args.model, batch_size=args.batch_size,
-                                    workers=args.workers, force=args.force, name=args.name,
-                                    max_chars=args.max_chars, device=args.device, beam_args=beam_args,
-                                    tier=args.tier)
-        print(result.summary())
-        return 0
-    from pipeline.stages.embeddings import run_clip_embedding
-
-    model = args.model or DEFAULT_CLIP_MODEL
-    if args.pretrained is None:
-        print(f"thresher embed: warning: no --pretrained given, so {model} runs with random weights "
-              f"(seed {args.seed}); the vectors only exercise the plumbing. Pass a cached tag or a "
-              "checkpoint file for meaningful embeddings.", file=sys.stderr)
-    result = run_clip_embedding(args.catalog, args.dataset, model, args.pretrained, batch_size=args.batch_size or 64,
-                                workers=args.workers, force=args.force, name=args.name, seed=args.seed,
-                                device=args.device, beam_args=beam_args)
+        given = {"model": args.model, "tier": args.tier, "batch_size": args.batch_size, "max_chars": args.max_chars,
+                 "device": args.device, "name": args.name}
+    else:
+        model = args.model or DEFAULT_CLIP_MODEL
+        if args.pretrained is None:
+            print(f"thresher embed: warning: no --pretrained given, so {model} runs with random weights "
+                  f"(seed {args.seed}); the vectors only exercise the plumbing. Pass a cached tag or a "
+                  "checkpoint file for meaningful embeddings.", file=sys.stderr)
+        given = {"model_name": model, "pretrained": args.pretrained, "batch_size": args.batch_size or 64,
+                 "seed": args.seed, "device": args.device, "name": args.name}
+    result = entry.load()(args.catalog, args.dataset, workers=args.workers, force=args.force, beam_args=beam_args,
+                          **entry.validate(given))
     print(result.summary())
     return 0

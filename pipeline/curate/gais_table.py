@@ -145,3 +145,13 @@ def run(inst: Instances, variant: str, reduction: float, scoring: str = "same_cl
     return table, report
 
 
+
+
+def write(table: pa.Table, report: dict[str, Any], out: str | Path, parameters: dict[str, Any]) -> Path:
+    """GAIS rows to a file outside any catalog; through the selection protocol's writer."""
+    from pipeline.select.protocol import write_files
+
+    out = Path(out)
+    write_files(table, schemas.GAIS_SELECTION, {"selector": "gais", "parameters": parameters, "report": report,
+                                                "lines": GAISReport(report).lines()}, out, out.with_suffix(".report.json"))
+    return out

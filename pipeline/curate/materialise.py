@@ -14,6 +14,7 @@ merged — and only if it holds a previous Thresher export (a ``manifest.json`` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -36,8 +37,10 @@ from pipeline.io.catalog import (
     write_parquet_atomic,
 )
 from pipeline.io.runs import StageRun
+from pipeline.registry import EXPORTERS
+from pipeline.select import protocol
 
-EXPORT_FORMATS = ("sharegpt", "alpaca", "openai", "parquet")
+EXPORT_FORMATS = EXPORTERS.names(group="curated")  # sharegpt, alpaca, openai, parquet
 
 
 @dataclass
@@ -49,20 +52,61 @@ class CuratedResult:
     missing: int  # picks whose sample is not in the dataset (reported, never silently dropped)
 
 
-def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Path, name: str,
-                             algorithm: str = "mig", rows_per_shard: int = 50_000,
-                             parameters: dict[str, Any] | None = None) -> CuratedResult:
-    """Join ``picks`` (rank, sample_id, gain[, labels]) with the samples of ``dataset``."""
+def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Path | None, name: str,
+                             algorithm: str | None = None, rows_per_shard: int = 50_000,
+                             parameters: dict[str, Any] | None = None, *, selection: str | None = None,
+                             force: bool = False) -> CuratedResult:
+    """Join picks (rank, sample_id, gain[, labels]) with the samples of ``dataset`` into ``curated/<name>/``.
+
+    The picks come from ``selections/<selection>/`` (its selector, parameters and run id go into
+    ``_curated.json``, the ledger and so every export's manifest) or from a ``picks`` file. Under
+    the stage contract: unchanged picks, samples and annotations with the curated files intact
+    are skipped.
+    """
+    if (picks is None) == (selection is None):
+        raise ValueError("give exactly one of a selection name or a picks file")
     cat = Catalog.at(catalog)
     samples = cat.samples_partition("instruction", dataset)
     if not samples.is_dir():
         raise FileNotFoundError(f"no instruction samples for dataset {dataset!r} in {cat.root}")
+    lineage: dict[str, Any] = {}
+    if selection is not None:
+        picks = protocol.selection_picks(cat, selection)
+        doc = protocol.read_selection_document(cat, selection)
+        lineage = {"selection": selection, "selection_run_id": doc.get("run_id"), "source": doc.get("source")}
+        algorithm = algorithm or doc.get("selector")
+        parameters = {**doc.get("parameters", {}), **(parameters or {})}
+    algorithm = algorithm or "mig"
     picks_table = pq.read_table(picks)
     for col in ("rank", "sample_id", "gain"):
         if col not in picks_table.column_names:
             raise ValueError(f"{picks} has no column {col!r}; expected the output of `thresher select`")
     tags = annotations.find(cat, dataset, annotations.TAG_SOURCES)
     quality = annotations.find(cat, dataset, annotations.QUALITY_SOURCES)
+    params = {"dataset": dataset, "picks": str(picks), "algorithm": algorithm, "parameters": parameters or {},
+              "rows_per_shard": rows_per_shard, **lineage}
+    inputs = protocol.fingerprint([Path(picks), samples, *(p for p in (tags, quality) if p is not None)])
+    with StageRun(cat, "curate", dataset, {"curated": cat.curated_dir(name)}, params, inputs, force=force) as run:
+        if run.skipped:
+            c = run.state["counts"]
+            return CuratedResult(name, str(cat.curated_dir(name)), c["rows_out"], c.get("shards", 1), c["missing"])
+        table = _join(picks_table, samples, tags, quality)
+        missing = picks_table.num_rows - table.num_rows
+        n_shards = max(1, -(-table.num_rows // rows_per_shard))
+        staging = run.staging["curated"]
+        for k in range(n_shards):
+            part = table.slice(k * rows_per_shard, rows_per_shard)
+            write_parquet_atomic(part, staging / shard_name(k, n_shards), schemas.CURATED_INSTRUCTIONS)
+        write_json_atomic({"dataset": dataset, "picks": str(picks), "algorithm": algorithm,
+                           "parameters": parameters or {}, "rows": table.num_rows, "missing": missing,
+                           "run_id": run.run_id, **lineage}, staging / "_curated.json")
+        run.commit({"rows_in": picks_table.num_rows, "rows_out": table.num_rows, "missing": missing,
+                    "shards": n_shards})
+    return CuratedResult(name, str(cat.curated_dir(name)), table.num_rows, n_shards, missing)
+
+
+def _join(picks_table: pa.Table, samples: Path, tags: Path | None, quality: Path | None) -> pa.Table:
+    """The picks in rank order with their conversation, tags, score and lineage (DuckDB join)."""
     con = duckdb.connect()
     con.register("picks", picks_table)
     # Relations from the Python API: paths are arguments, never spliced into SQL text.
@@ -86,32 +130,7 @@ def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Pat
         LEFT JOIN t USING (sample_id)
         LEFT JOIN q USING (sample_id)
         ORDER BY p.rank""")
-    table = joined.to_arrow_table() if hasattr(joined, "to_arrow_table") else joined.arrow()
-    missing = picks_table.num_rows - table.num_rows
-    n_shards = max(1, -(-table.num_rows // rows_per_shard))
-    params = {"dataset": dataset, "picks": str(picks), "algorithm": algorithm, "parameters": parameters or {},
-              "rows_per_shard": rows_per_shard}
-    outputs = {"curated": cat.curated_dir(name), "selection": cat.selection_dir(name)}
-    # Always rebuilt (force): the picks file is the input and is cheap to join again.
-    with StageRun(cat, "curate", dataset, outputs, params, {"picks": str(picks)}, force=True) as run:
-        staging = run.staging["curated"]
-        for k in range(n_shards):
-            part = table.slice(k * rows_per_shard, rows_per_shard)
-            write_parquet_atomic(part, staging / shard_name(k, n_shards), schemas.CURATED_INSTRUCTIONS)
-        why = _why(picks_table, table) if "labels" in picks_table.column_names else [None] * table.num_rows
-        sel = pa.table({"rank": table.column("rank"), "sample_id": table.column("sample_id"),
-                        "gain": table.column("gain"), "algorithm": [algorithm] * table.num_rows, "why": why})
-        write_parquet_atomic(sel, run.staging["selection"] / "part-00000-of-00001.parquet", schemas.SELECTIONS)
-        write_json_atomic({"dataset": dataset, "picks": str(picks), "algorithm": algorithm,
-                           "parameters": parameters or {}, "rows": table.num_rows, "missing": missing},
-                          staging / "_curated.json")
-        run.commit({"rows_in": picks_table.num_rows, "rows_out": table.num_rows, "missing": missing})
-    return CuratedResult(name, str(cat.curated_dir(name)), table.num_rows, n_shards, missing)
-
-
-def _why(picks: pa.Table, joined: pa.Table) -> list[str | None]:
-    labels = dict(zip(picks.column("sample_id").to_pylist(), picks.column("labels").to_pylist()))
-    return [json.dumps({"labels": labels.get(s)}) for s in joined.column("sample_id").to_pylist()]
+    return joined.to_arrow_table() if hasattr(joined, "to_arrow_table") else joined.arrow()
 
 
 # ------------------------------------------------------------------ export
@@ -235,12 +254,27 @@ def staged_export_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def export_run(cat: Catalog, dataset: str, out: Path, parameters: dict[str, Any], inputs: list[dict[str, Any]]) -> StageRun:
+    """The stage contract around one export (stage ``export``): a lock per target folder, and a
+    ledger entry with the parameters and counts, or with the error when the export fails.
+
+    The export itself lives outside the catalog (staged beside ``out`` and swapped in whole by
+    :func:`staged_export_dir`), so the run's catalog output is a placeholder that each commit
+    records as absent: nothing is written into the catalog but the ledger and the marker. Always
+    rebuilt: the target may have been edited by hand, and a trainer's folder is cheap to remake.
+    """
+    key = "exports/" + hashlib.sha1(str(out).encode("utf-8")).hexdigest()[:16]
+    return StageRun(cat, "export", dataset, {"export": cat.root / "_exports" / key.rsplit("/", 1)[1]}, parameters,
+                    inputs, force=True, key=key, ledger_parameters={"out": str(out)})
+
+
 def export(catalog: str | Path, name: str, fmt: str, out_dir: str | Path, rows_per_file: int = 100_000,
            overwrite: bool = False) -> dict:
     """Write curated ``name`` to ``out_dir`` in ``fmt`` plus ``manifest.json``; returns the manifest.
 
     ``out_dir`` must be new or empty unless ``overwrite``; then a previous export there is replaced
-    whole (see :func:`staged_export_dir`).
+    whole (see :func:`staged_export_dir`). The run enters the ledger (:func:`export_run`); the
+    manifest carries the export's parameters, its run id and the selection it came from.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {EXPORT_FORMATS}")
@@ -248,16 +282,39 @@ def export(catalog: str | Path, name: str, fmt: str, out_dir: str | Path, rows_p
     src = cat.curated_dir(name)
     if not src.is_dir():
         raise FileNotFoundError(f"no curated set {name!r} in {cat.root}; run the curate flow or `thresher curate` first")
+    out = check_export_target(out_dir, overwrite)  # refuse before any work (and before the ledger)
     info = json.loads((src / "_curated.json").read_text()) if (src / "_curated.json").exists() else {}
-    with staged_export_dir(out_dir, overwrite) as stage:
-        written, skipped, files, sources = _write_export(src, fmt, stage, rows_per_file)
-        manifest = {
-            "curated": name, "format": fmt, "files": files, "rows": written,
-            "skipped_without_answer": skipped, "selection": info, "sources": sources,
-            "catalog": str(cat.root),
-        }
-        write_json_atomic(manifest, stage / "manifest.json")
+    parameters = {"curated": name, "format": fmt, "rows_per_file": rows_per_file, "overwrite": overwrite}
+    with export_run(cat, info.get("dataset") or name, out, parameters, protocol.fingerprint([src])) as run:
+        with staged_export_dir(out, overwrite) as stage:
+            written, skipped, files, sources = _write_export(src, fmt, stage, rows_per_file)
+            counts = {"rows": written, "skipped_without_answer": skipped, "files": len(files)}
+            manifest = {
+                "curated": name, "format": fmt, "files": files, "rows": written,
+                "skipped_without_answer": skipped, "selection": info, "sources": sources,
+                "catalog": str(cat.root), "parameters": parameters, "run_id": run.run_id, "counts": counts,
+            }
+            write_json_atomic(manifest, stage / "manifest.json")
+        # Committed after the swap, so a failed swap is recorded as a failure, never a success.
+        run.commit(counts, absent=tuple(run.outputs))
     return manifest
+
+
+def _exporter(fmt: str):
+    def export_format(catalog: str | Path, source: str, out_dir: str | Path, overwrite: bool = False,
+                      rows_per_file: int = 100_000) -> dict:
+        return export(catalog, source, fmt, out_dir, rows_per_file, overwrite)
+
+    export_format.__name__ = f"export_{fmt}"
+    export_format.__doc__ = f"Curated set ``source`` as {fmt} into ``out_dir`` (registry entry ``{fmt}``)."
+    return export_format
+
+
+# The EXPORTERS registry's callables: fn(catalog, source, out_dir, overwrite=False, **params).
+export_sharegpt = _exporter("sharegpt")
+export_alpaca = _exporter("alpaca")
+export_openai = _exporter("openai")
+export_parquet = _exporter("parquet")
 
 
 def _write_export(src: Path, fmt: str, out_dir: Path, rows_per_file: int) -> tuple[int, int, list[str], dict]:

@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.curate import annotations
-from pipeline.curate.materialise import check_export_target, staged_export_dir
+from pipeline.curate.materialise import check_export_target, export_run, staged_export_dir
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
+from pipeline.select.protocol import fingerprint
 
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
@@ -39,7 +40,7 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: str | Path,
                 samples_per_shard: int = 1000, concepts: str | None = None,
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the samples of ``plan`` (step, position, sample_id, gain) as WebDataset shards.
 
     ``out_dir`` must be new or empty unless ``overwrite``; then a previous export there is replaced whole.
@@ -48,7 +49,7 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
     samples = cat.samples_partition("image_text", dataset)
     if not samples.is_dir():
         raise FileNotFoundError(f"no image-text samples for dataset {dataset!r} in {cat.root}")
-    check_export_target(out_dir, overwrite)  # refuse before the join, not after it
+    out = check_export_target(out_dir, overwrite)  # refuse before the join, not after it
     plan_table = pq.read_table(plan)
     con = duckdb.connect()
     con.register("plan", plan_table)
@@ -67,18 +68,38 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
         ORDER BY p.step, p.position""")
     rows = (rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()).to_pylist()
     missing = plan_table.num_rows - len(rows)
-    with staged_export_dir(out_dir, overwrite) as stage:
-        shards = _write_shards(rows, stage, samples_per_shard)
-        if rows:
-            curated = pa.Table.from_pylist([{k: r[k] for k in ("step", "position", "sample_id", "gain", "caption",
-                                                               "image_format", "width", "height", "source_uri")}
-                                            for r in rows])
-            write_parquet_atomic(curated, stage / "curated.parquet")
-        manifest = {"dataset": dataset, "plan": str(plan), "shards": shards, "samples": len(rows),
-                    "missing_from_dataset": missing, "steps": len({r["step"] for r in rows}),
-                    "concepts_from": concept_part.parent.name if concept_part else None, "catalog": str(cat.root)}
-        write_json_atomic(manifest, stage / "manifest.json")
+    parameters = {"format": "webdataset", "dataset": dataset, "plan": str(plan), "samples_per_shard": samples_per_shard,
+                  "concepts": concepts, "overwrite": overwrite, **(lineage or {})}
+    read = [Path(plan), samples, *([concept_part] if concept_part is not None else [])]
+    with export_run(cat, dataset, out, parameters, fingerprint(read)) as run:
+        with staged_export_dir(out, overwrite) as stage:
+            shards = _write_shards(rows, stage, samples_per_shard)
+            if rows:
+                curated = pa.Table.from_pylist([{k: r[k] for k in ("step", "position", "sample_id", "gain", "caption",
+                                                                   "image_format", "width", "height", "source_uri")}
+                                                for r in rows])
+                write_parquet_atomic(curated, stage / "curated.parquet")
+            counts = {"samples": len(rows), "missing_from_dataset": missing, "shards": len(shards)}
+            manifest = {"dataset": dataset, "plan": str(plan), "shards": shards, "samples": len(rows),
+                        "missing_from_dataset": missing, "steps": len({r["step"] for r in rows}),
+                        "concepts_from": concept_part.parent.name if concept_part else None,
+                        "catalog": str(cat.root), "parameters": parameters, "run_id": run.run_id, "counts": counts}
+            write_json_atomic(manifest, stage / "manifest.json")
+        # Committed after the swap, so a failed swap is recorded as a failure, never a success.
+        run.commit(counts, absent=tuple(run.outputs))
     return manifest
+
+
+def export_webdataset(catalog: str | Path, source: str, out_dir: str | Path, overwrite: bool = False, *,
+                      dataset: str, samples_per_shard: int = 1000, concepts: str | None = None) -> dict[str, Any]:
+    """The batch plan of selection ``source`` (``selections/<source>/``, e.g. from CABS) as
+    WebDataset shards (registry entry ``webdataset``); the selection's run id goes to the manifest."""
+    from pipeline.select import protocol
+
+    plan = protocol.selection_picks(catalog, source)
+    doc = protocol.read_selection_document(catalog, source)
+    return export_plan(catalog, dataset, plan, out_dir, samples_per_shard, concepts, overwrite,
+                       lineage={"selection": source, "selection_run_id": doc.get("run_id")})
 
 
 def _write_shards(rows: list[dict[str, Any]], out_dir: Path, samples_per_shard: int) -> list[str]:

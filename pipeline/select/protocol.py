@@ -226,21 +226,27 @@ def _pool_size(pool: Any) -> int:
 # ------------------------------------------------------------------------------ readers
 
 
-def read_selection(catalog: str | Path | Catalog, name: str) -> tuple[pa.Table, dict[str, Any]]:
-    """(picks table, report document) of ``selections/<name>/``; FileNotFoundError naming the fix."""
+def selection_picks(catalog: str | Path | Catalog, name: str) -> Path:
+    """The picks file of ``selections/<name>/``; FileNotFoundError naming the selections there."""
     cat = catalog if isinstance(catalog, Catalog) else Catalog.at(catalog)
-    folder = cat.selection_dir(name)
-    if not (folder / PICKS).is_file():
-        have = sorted(p.name for p in (cat.root / "selections").iterdir()
-                      if (p / PICKS).is_file()) if (cat.root / "selections").is_dir() else []
+    picks = cat.selection_dir(name) / PICKS
+    if not picks.is_file():
+        base = cat.root / "selections"
+        have = sorted(p.name for p in base.iterdir() if (p / PICKS).is_file()) if base.is_dir() else []
         raise FileNotFoundError(f"no selection {name!r} in {cat.root} (selections here: {', '.join(have) or 'none'}); "
                                 "make one with `thresher select ... --name NAME`")
-    doc = json.loads((folder / REPORT).read_text(encoding="utf-8")) if (folder / REPORT).is_file() else {}
-    return pq.read_table(folder / PICKS), doc
+    return picks
 
 
-def selection_picks(catalog: str | Path | Catalog, name: str) -> Path:
-    """The picks file of ``selections/<name>/`` (checked to exist)."""
+def read_selection_document(catalog: str | Path | Catalog, name: str) -> dict[str, Any]:
+    """The report document of ``selections/<name>/``: selector, source, parameters, report, run id."""
     cat = catalog if isinstance(catalog, Catalog) else Catalog.at(catalog)
-    read_selection(cat, name)
-    return cat.selection_dir(name) / PICKS
+    selection_picks(cat, name)
+    doc = cat.selection_dir(name) / REPORT
+    return json.loads(doc.read_text(encoding="utf-8")) if doc.is_file() else {}
+
+
+def read_selection(catalog: str | Path | Catalog, name: str) -> tuple[pa.Table, dict[str, Any]]:
+    """(picks table, report document) of ``selections/<name>/``."""
+    cat = catalog if isinstance(catalog, Catalog) else Catalog.at(catalog)
+    return pq.read_table(selection_picks(cat, name)), read_selection_document(cat, name)
