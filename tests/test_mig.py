@@ -422,8 +422,14 @@ def test_read_xsample_jsonl(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lacks annotation"):
         read_xsample_jsonl(path, strict=True)
 
+    # Mismatched rounds: the one DEITA rule (pipeline/annotate/deita.py) scores the rounds both
+    # lists rate, and the reader says so; a rating that is no rating is an error naming the line.
+    uneven = tmp_path / "uneven.jsonl"
+    uneven.write_text(json.dumps(_record(["a"], [1.0, 2.0], [3.0])) + "\n")
+    with pytest.warns(UserWarning, match="uneven.jsonl:1"):
+        assert read_xsample_jsonl(uneven).scores.tolist() == [3.0]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(_record(["a"], [1.0, 2.0], [1.0])) + "\n")
+    bad.write_text(json.dumps(_record(["a"], [1.0, -2.0], [1.0, 1.0])) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_xsample_jsonl(bad)
 

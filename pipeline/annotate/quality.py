@@ -32,12 +32,17 @@ reply (e.g. MT-bench questions) has nothing to learn from; it is scored as an em
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+
+from pipeline.annotate.deita import deita_score
+
+log = logging.getLogger(__name__)
 
 SCORER_VERSION = "1"
 MIN_SCORE, MAX_SCORE = 1.0, 6.0
@@ -321,11 +326,22 @@ class QualityResult:
 
 
 def combine_rounds(quality: Sequence[float], complexity: Sequence[float]) -> tuple[float, float, float]:
-    """(mean quality, mean complexity, DEITA score = mean over rounds of quality x complexity)."""
-    if len(quality) != len(complexity) or not quality:
-        raise ValueError(f"need equally many quality and complexity rounds, got {len(quality)} and {len(complexity)}")
-    q, c = np.asarray(quality, dtype=np.float64), np.asarray(complexity, dtype=np.float64)
-    return float(q.mean()), float(c.mean()), float((q * c).mean())
+    """(mean quality, mean complexity, DEITA score) of one conversation's per-round ratings.
+
+    The score is :func:`pipeline.annotate.deita.deita_score`: the mean over rounds of quality x
+    complexity, rounds rated by one list only left out (logged; the annotators here rate every
+    round, so it would be a bug). Raises ValueError when no round has both ratings.
+    """
+    d = deita_score(quality, complexity)
+    if d.score is None:
+        raise ValueError(f"no round has both a quality and a complexity rating "
+                         f"(got {len(quality)} and {len(complexity)})")
+    if d.left_out:
+        log.warning("DEITA score over %d of %d rounds: %d quality and %d complexity ratings",
+                    d.rounds, d.rounds + d.left_out, len(quality), len(complexity))
+    q = np.asarray([v for v in quality if v is not None], dtype=np.float64)
+    c = np.asarray([v for v in complexity if v is not None], dtype=np.float64)
+    return float(np.nanmean(q)), float(np.nanmean(c)), d.score
 
 
 # The on-topic weights below were tuned on cosines of instruction and response encoded apart.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from pipeline.annotate.deita import deita_score
 from pipeline.io import instruction_formats
 from pipeline.io.json_stream import decode_json_line
 from pipeline.io.rejects import JobError, RecordRejected, Reject
@@ -128,12 +129,17 @@ def _mean(xs: list[float] | None) -> float | None:
 
 
 def _quality_row(sid: str, conv: instruction_formats.Conversation) -> dict:
+    """The input's DEITA ratings as a quality annotation row.
+
+    ``score`` follows the one DEITA rule (:func:`pipeline.annotate.deita.deita_score`: mean over
+    the rounds rated by both lists); with no such round it is 0.0, as for a sample without a
+    score. The per-round lists are stored as given, so a mismatch stays visible in the table.
+    """
     q, c = conv.quality_per_round, conv.complexity_per_round
-    if q and c and len(q) == len(c):
-        score = sum(a * b for a, b in zip(q, c)) / len(q)  # DEITA: mean over rounds of q x c
-    else:
-        # One of the two is missing or their rounds disagree: use what is there, say nothing more.
-        score = _mean(q) if q else _mean(c)
+    try:
+        score = deita_score(q, c).score
+    except ValueError as exc:
+        raise RecordRejected("wrong_type", f"annotation.deita: {exc}") from None
     return {
         "sample_id": sid,
         "quality": _mean(q),

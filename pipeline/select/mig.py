@@ -32,12 +32,15 @@ import heapq
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import scipy.sparse as sp
+
+from pipeline.annotate.deita import DeitaScore, deita_score
 
 # Default similarity threshold for all-MiniLM-L6-v2 label embeddings. The paper's T = 0.9 is for
 # E5-Mistral-7B, whose cosines sit much higher; with MiniLM, T = 0.9 leaves 99% of InsTag labels
@@ -647,7 +650,8 @@ class XSamplePool:
     labels: distinct tags per row, first-seen order. scores: mean over rounds of DEITA
     quality x complexity. vocabulary: sorted distinct tags. label_ids: tags as vocabulary ids.
     line_numbers: 0-based record index in the file of each kept row. skipped: records without
-    the instag or deita annotation (left out, as the reference does).
+    the instag or deita annotation (left out, as the reference does), or whose deita lists rate
+    no round with both scores.
     """
 
     labels: list[list[str]]
@@ -668,23 +672,16 @@ def _tag_text(item: object, where: str) -> str:
     )
 
 
-def _deita_score(deita: dict, where: str) -> float:
+def _deita_score(deita: dict, where: str) -> DeitaScore:
+    """The record's DEITA score by the one rule (:func:`pipeline.annotate.deita.deita_score`)."""
     quality = deita.get("quality_scores")
     complexity = deita.get("complexity_scores")
     if not isinstance(quality, list) or not isinstance(complexity, list):
         raise ValueError(f"{where}: annotation.deita needs lists quality_scores and complexity_scores.")
-    if len(quality) != len(complexity) or not quality:
-        raise ValueError(
-            f"{where}: annotation.deita has {len(quality)} quality and {len(complexity)} complexity "
-            "scores; need one of each per round (at least one round)."
-        )
-    total = 0.0
-    for q, c in zip(quality, complexity):
-        total += float(q) * float(c)
-    score = total / len(quality)
-    if not math.isfinite(score) or score < 0.0:
-        raise ValueError(f"{where}: DEITA score {score} is not a finite non-negative number.")
-    return score
+    try:
+        return deita_score(quality, complexity)
+    except ValueError as exc:
+        raise ValueError(f"{where}: annotation.deita: {exc}.") from None
 
 
 def read_xsample_jsonl(
@@ -706,6 +703,7 @@ def read_xsample_jsonl(
     scores: list[float] = []
     lines: list[int] = []
     skipped = 0
+    partial, first_partial = 0, None  # records whose DEITA score leaves rounds out
     record_no = -1
     with opener(path, "rt", encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
@@ -736,9 +734,22 @@ def read_xsample_jsonl(
                     continue
                 seen.add(tag)
                 row.append(tag)
+            deita_result = _deita_score(deita, where)
+            if deita_result.score is None:  # no round rated twice: as good as no deita annotation
+                if strict:
+                    raise ValueError(f"{where}: annotation.deita rates no round with both scores.")
+                skipped += 1
+                continue
+            if deita_result.left_out:
+                partial += 1
+                first_partial = first_partial or where
             labels.append(row)
-            scores.append(_deita_score(deita, where))
+            scores.append(deita_result.score)
             lines.append(record_no)
+    if partial:
+        warnings.warn(f"{path}: {partial} record(s) score fewer rounds than they have (quality and "
+                      f"complexity lists of different lengths, or null entries; first at {first_partial}); "
+                      "their DEITA score is the mean over the rounds rated twice.", stacklevel=2)
     vocabulary = pool_vocabulary(labels)
     encoded = encode_labels(labels, vocabulary, unknown="error")
     return XSamplePool(
