@@ -377,10 +377,9 @@ class OfflineQualityScorer:
         if self._embedder is False or not texts:
             return None
         if self._embedder is None or self._embedder is True:
-            from pipeline.embed.sentence import embed_texts, load_sentence_embedder
+            from pipeline.embed.sentence import default_text_embedder
 
-            model = load_sentence_embedder()
-            self._embedder = lambda xs: embed_texts(model, xs, batch_size=self.batch_size)
+            self._embedder = default_text_embedder(batch_size=self.batch_size)
         # Instructions repeat (one prompt, several answers; templated datasets): embed each text once.
         unique = list(dict.fromkeys(texts))
         vectors = np.asarray(self._embedder(unique), dtype=np.float32)

@@ -213,10 +213,9 @@ class OfflineTagger:
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         if self._embedder is None:
-            from pipeline.embed.sentence import embed_texts, load_sentence_embedder
+            from pipeline.embed.sentence import default_text_embedder
 
-            model = load_sentence_embedder()
-            self._embedder = lambda xs: embed_texts(model, xs, batch_size=self.batch_size)
+            self._embedder = default_text_embedder(batch_size=self.batch_size)
         unique = list(dict.fromkeys(texts))  # templated data repeats prompts: embed each text once
         out = np.asarray(self._embedder(unique), dtype=np.float32)
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
@@ -426,10 +425,9 @@ def consolidate_tags(
             merges_raw.append((i, j, "fuzzy", s))
     if embedder is not False and len(names) > 1:
         if embedder is None or embedder is True:
-            from pipeline.embed.sentence import embed_texts, load_sentence_embedder
+            from pipeline.embed.sentence import default_text_embedder
 
-            model = load_sentence_embedder()
-            embedder = lambda xs: embed_texts(model, xs)  # noqa: E731
+            embedder = default_text_embedder()
         for i, j, s in _embedding_pairs(names, embed_threshold, embedder):
             if uf.union(i, j):
                 merges_raw.append((i, j, "embedding", s))

@@ -504,10 +504,12 @@ def _distinct_reason(a: ConceptEntry, b: ConceptEntry) -> str | None:
 def _embedding_pairs(names: list[str], threshold: float, embedder) -> Iterable[tuple[int, int, float]]:
     import numpy as np
 
-    from pipeline.embed.sentence import embed_texts, load_sentence_embedder
+    from pipeline.embed.sentence import default_text_embedder, embed_texts
 
-    model = embedder if embedder is not None else load_sentence_embedder()
-    vectors = embed_texts(model, names, batch_size=256, normalize=True)
+    if embedder is None:
+        vectors = default_text_embedder(batch_size=256)(names)
+    else:  # a sentence-transformers model given by the caller
+        vectors = embed_texts(embedder, names, batch_size=256, normalize=True)
     block = 1024
     for start in range(0, len(names), block):
         sims = vectors[start:start + block] @ vectors.T

@@ -200,10 +200,9 @@ def build_graph(vocabulary: tuple[str, ...], config: mig.MIGConfig, edges: str |
 
         embed = lambda texts: text_vectors(catalog, texts)  # noqa: E731
     if embed is None:
-        from pipeline.embed.sentence import embed_texts, load_sentence_embedder
+        from pipeline.embed.sentence import default_text_embedder
 
-        model = load_sentence_embedder()
-        embed = lambda texts: embed_texts(model, texts)  # noqa: E731
+        embed = default_text_embedder()
     return lg.label_graph_from_texts(vocabulary, embed, config.sim_threshold)
 
 

@@ -13,7 +13,7 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -237,6 +237,19 @@ def shared_sentence_model(name_or_path: str | None = None, device: str | None = 
         while len(_SENTENCE_CACHE) > 2:
             _SENTENCE_CACHE.popitem(last=False)
         return model
+
+
+def default_text_embedder(batch_size: int = 64, device: str | None = None) -> Callable[[Sequence[str]], np.ndarray]:
+    """The default text embedder: texts -> unit-norm float32 rows (n, 384) from the bundled
+    all-MiniLM-L6-v2, offline, loaded once per process (:func:`shared_sentence_model`).
+
+    The one entry point for code that needs "the" text embedder and was given none: the tag and
+    quality annotators, the tag and concept vocabularies, the MIG label graph. ``batch_size`` is
+    the encoder's batch. A specific model or tier goes through :func:`shared_sentence_model` /
+    :func:`pipeline.embed.tiers.load_token_encoder` instead.
+    """
+    model = shared_sentence_model(None, device)
+    return lambda texts: embed_texts(model, texts, batch_size=batch_size)
 
 
 def sentence_weights_digest(model: Any) -> str:
