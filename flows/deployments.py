@@ -1,8 +1,10 @@
 """Scheduled Prefect deployments of Thresher's flows.
 
-``thresher serve --specs datasets.json --cron "0 3 * * *"`` registers the ingest flow with a
-Prefect server (``PREFECT_API_URL``) and runs its scheduled runs in this process until stopped.
-A spec file is a JSON list of objects with the fields of :class:`flows.ingest.IngestSpec`.
+``thresher deploy SPEC.yaml --cron "0 3 * * *"`` registers a whole curation pipeline (a spec,
+see ``pipeline/spec.py``) with a Prefect server (``PREFECT_API_URL``) as a deployment of the
+``thresher-pipeline`` flow, and runs its scheduled runs in this process until stopped.
+``thresher serve --specs datasets.json --cron ...`` does the same for the ingest flow alone; its
+file is a JSON list of objects with the fields of :class:`flows.ingest.IngestSpec`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from flows.ingest import IngestSpec, ingest_flow
+from pipeline.spec import PipelineSpec
 
 
 def load_specs(path: str | Path) -> list[IngestSpec]:
@@ -35,12 +40,62 @@ def ingest_deployment(specs: list[IngestSpec], catalog: str, cron: str | None = 
                       name: str = "thresher-ingest", workers: int = 1) -> Any:
     """A RunnerDeployment of the ingest flow with its parameters and (optional) cron schedule."""
     params = {"specs": [s.__dict__ for s in specs], "catalog": str(Path(catalog).resolve()), "workers": workers}
-    return ingest_flow.to_deployment(name=name, cron=cron, parameters=params,
-                                     description="Ingest the configured datasets into the catalog; "
-                                                 "unchanged datasets are skipped.")
+    return _to_deployment(ingest_flow, cron, name=name, parameters=params,
+                          description="Ingest the configured datasets into the catalog; unchanged datasets are skipped.")
 
 
 def serve_ingest(specs_path: str, catalog: str, cron: str | None, workers: int = 1) -> None:  # pragma: no cover
     from prefect import serve
 
+    require_api_url("thresher serve")
     serve(ingest_deployment(load_specs(specs_path), catalog, cron, workers=workers))
+
+
+def require_api_url(command: str) -> str:
+    """The Prefect server a deployment registers with; a clear error when none is configured.
+
+    Without one, Prefect would serve against a temporary in-process server that dies with the
+    command, so the schedule would exist nowhere else: refuse instead.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ValueError(f"{command} registers a deployment with a Prefect server, and PREFECT_API_URL is not set: "
+                         "start one (`prefect server start`, or `docker compose -f infra/docker-compose.yml up`) "
+                         "and export PREFECT_API_URL=http://HOST:4200/api")
+    return url
+
+
+def _to_deployment(flow: Any, cron: str | None, **kwargs: Any) -> Any:
+    try:
+        return flow.to_deployment(cron=cron, **kwargs)
+    except ValidationError as exc:  # Prefect's CronSchedule refuses the expression
+        if cron is not None and any("cron" in map(str, e.get("loc", ())) for e in exc.errors()):
+            raise ValueError(f"--cron {cron!r} is not a cron expression: five fields, minute hour day-of-month "
+                             "month day-of-week, e.g. \"0 3 * * *\" (03:00 every day)") from None
+        raise
+
+
+def pipeline_deployment(spec: PipelineSpec, cron: str | None = None, name: str | None = None,
+                        workers: int = 1) -> Any:
+    """A RunnerDeployment of ``thresher-pipeline`` carrying the validated spec (absolute paths).
+
+    The spec travels as the deployment's parameters, so each scheduled run curates what the spec
+    said when it was deployed (re-deploy after editing the file); the flow validates it again.
+    """
+    from flows.pipeline import pipeline_flow
+
+    params = {"spec": spec.to_dict(), "workers": workers}
+    selection = f", selection {spec.selection.algorithm}" if spec.selection else ""
+    return _to_deployment(pipeline_flow, cron, name=name or spec.name, parameters=params,
+                          tags=["thresher", spec.kind],
+                          description=f"Thresher pipeline {spec.name!r}: {len(spec.datasets)} {spec.kind} dataset(s)"
+                                      f"{selection}; unchanged stages are skipped.")
+
+
+def serve_pipeline(spec: PipelineSpec, cron: str | None, name: str | None = None,
+                   workers: int = 1) -> None:  # pragma: no cover - blocks until stopped
+    from prefect import serve
+
+    serve(pipeline_deployment(spec, cron, name, workers))

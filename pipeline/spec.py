@@ -72,19 +72,32 @@ class Strict(BaseModel):
 
 EMBED, INDEX = "embed", "index"
 INDEX_PARAMS = (Param("near_dup_threshold", float, 0.95, "cosine at which two samples are near-copies"),)
+_LLM = ("endpoint", "model", "api_key_env", "concurrency", "timeout", "retries", "max_tokens", "cache")
 FLOW_PARAMS: dict[str, tuple[str, ...]] = {
-    # registry entry name -> the parameters flows/pipeline.py passes to it
-    "text": ("tier",),
+    # registry entry name -> the parameters flows/pipeline.py passes to it. Left out on purpose:
+    # output names (``name``: later steps look annotations up by their default names) and what
+    # the flow fills in itself (MIG's and CABS's ``near_dups`` from the index step, GAIS's
+    # ``embeddings`` and ``sample_kind``, the webdataset exporter's ``dataset``).
+    "text": ("tier",),  # the curate_instructions embed task: the bundled MiniLM
     "clip": ("model_name", "pretrained"),
-    "offline_tags": ("tier",),
-    "offline_quality": ("tier",),
-    "caption_concepts": (),
+    "offline_tags": ("vocabulary", "top_k", "threshold", "tier", "device"),
+    "llm_tags": _LLM,
+    "offline_quality": ("use_embeddings", "tier"),
+    "llm_quality": _LLM,
+    "caption_concepts": ("vocabulary",),
+    "clip_concepts": ("model_name", "pretrained", "top_k", "threshold", "vocabulary", "score", "template",
+                      "batch_size", "device", "seed"),
     INDEX: ("near_dup_threshold",),
-    "mig": ("budget", "keep_near_duplicates"),
-    "cabs": ("mode", "filter_ratio", "superbatch", "steps", "seed"),
+    "mig": ("budget", "fit_budget", "label_graph", "sim_threshold", "prop_weight", "phi", "phi_b", "phi_a",
+            "phi_alpha", "norm", "tags", "quality", "keep_near_duplicates", "random_trials"),
+    "cabs": ("concepts", "mode", "dm_mode", "filter_ratio", "superbatch", "fit_superbatch", "steps", "seed"),
     "gais": ("label_column", "variant", "reduction", "scoring", "seed", "scale"),
     "sharegpt": (), "alpaca": (), "openai": (), "parquet": (), "webdataset": (),
 }
+# Parameters that name files: resolved relative to the spec file like every other path
+# (``pretrained`` only when such a file exists: otherwise it is an open_clip tag).
+PATH_PARAMS = ("vocabulary", "label_graph", "cache")
+MAYBE_PATH_PARAMS = ("pretrained",)
 # The text tiers whose vectors agree with fp32 closely enough for the flow's thresholds (the
 # curate_instructions flow's CHAIN_TIERS; static: recall@10 0.55, tag Jaccard 0.35).
 CHAIN_TIERS = ("fp32", "int8")
@@ -117,13 +130,20 @@ def _option(entry: Entry) -> str:
     return entry.option or entry.name
 
 
-def step_needs(step: str) -> tuple[str, ...]:
-    """Steps that must come earlier: the annotators and the index read the stored embeddings,
-    except caption concepts (captions only)."""
-    return () if step in (EMBED, "concepts") else (EMBED,)
+def step_needs(step: str, impl: str | None) -> tuple[str, ...]:
+    """Steps that must come earlier: the index, and the annotators that read the stored text
+    vectors (those with a ``tier``), need the embed step."""
+    if step == INDEX:
+        return (EMBED,)
+    if step != EMBED and impl and any(p.name == "tier" for p in registry.ANNOTATORS[impl].params):
+        return (EMBED,)
+    return ()
 
 
 SELECTOR_NEEDS = {"gais": (EMBED,)}  # GAIS's features are the embeddings
+# Selectors whose picks curation cannot take: GAIS writes a score and a kept flag per instance,
+# not the ranked picks (rank, sample_id, gain) that curated sets and exports are built from.
+NOT_CURATABLE = ("gais",)
 
 
 # --- error helpers ---------------------------------------------------------------------------------------
@@ -322,6 +342,18 @@ def check_params(params: tuple[Param, ...], runnable: tuple[str, ...], given: di
     return {n: out[n] for n in settable if n in out}
 
 
+def _resolve_params(given: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+    base = Path(ctx.get("base_dir") or Path.cwd())
+    out = dict(given)
+    for key, value in given.items():
+        if not isinstance(value, str) or _is_uri(value):
+            continue
+        local = base / Path(value).expanduser()
+        if key in PATH_PARAMS or (key in MAYBE_PATH_PARAMS and local.exists()):
+            out[key] = str(local.resolve())
+    return out
+
+
 def _parsed(data: Any, key: str) -> bool:
     # the fields of an already validated model (model_validate of its own dump, model_copy)
     return isinstance(data, dict) and set(data) <= {key, "impl", "params"} and isinstance(data.get("params"), dict) \
@@ -369,10 +401,7 @@ class StepSpec(Strict):
         inherited = "tier" not in given and bool(ctx.get("tier")) and any(p.name == "tier" for p in entry.params)
         if inherited:
             given["tier"] = ctx["tier"]  # tags and quality read the vectors of the embed step's tier
-        if isinstance(given.get("pretrained"), str):
-            local = Path(ctx.get("base_dir") or Path.cwd()) / Path(given["pretrained"]).expanduser()
-            if local.exists():  # a local checkpoint, not an open_clip tag: resolve like every path
-                given = {**given, "pretrained": str(local.resolve())}
+        given = _resolve_params(given, ctx)
         params = check_params(entry.params, FLOW_PARAMS[entry.name], given, f"{entry.family} {entry.name!r}")
         if not inherited and params.get("tier", CHAIN_TIERS[0]) not in CHAIN_TIERS:
             raise _fail(("tier",), f"{params['tier']!r} is refused in a pipeline: its neighbours and tags agree "
@@ -412,6 +441,7 @@ class SelectionSpec(Strict):
         if kind and entry.kind != kind:
             allowed = ", ".join(registry.SELECTORS.names(kind=kind))
             raise _fail(("algorithm",), f"{name!r} does not select {kind} data; allowed: {allowed}", name)
+        given = _resolve_params(given, info.context or {})
         return {"algorithm": name,
                 "params": check_params(entry.params, FLOW_PARAMS.get(name, ()), given, f"selector {name!r}")}
 
@@ -515,7 +545,7 @@ def _cross_checks(spec: PipelineSpec) -> list[str]:
     for k, s in enumerate(spec.steps):
         if s.step in done:
             out.append(f"steps[{k}].step: {s.step!r} is already steps[{done[s.step]}]")
-        for need in step_needs(s.step):
+        for need in step_needs(s.step, s.impl):
             if need not in done:
                 out.append(f"steps[{k}].step: {s.step!r} reads what {need!r} writes; add {{step: {need}}} before it")
         done.setdefault(s.step, k)
@@ -528,6 +558,11 @@ def _cross_checks(spec: PipelineSpec) -> list[str]:
             if need not in done:
                 out.append(f"selection.algorithm: {spec.selection.algorithm!r} reads what {need!r} writes; "
                            f"add {{step: {need}}} to steps")
+        if spec.selection.algorithm in NOT_CURATABLE and (spec.exports.formats or spec.curate.name):
+            out.append(f"selection.algorithm: {spec.selection.algorithm!r} scores and flags instances but does not "
+                       "rank picks, so it cannot be curated or exported yet; remove `curate` and `exports` (the "
+                       "selection is written to selections/<name>/), or use "
+                       f"{', '.join(n for n in registry.SELECTORS.names(kind=spec.kind) if n not in NOT_CURATABLE)}")
     elif spec.exports.formats:
         out.append("exports.formats: exports need a selection (add a `selection:` section)")
     return out

@@ -1,4 +1,5 @@
-"""thresher serve: the ingest flow as a scheduled Prefect deployment."""
+"""thresher serve: the ingest flow alone as a scheduled Prefect deployment (``thresher deploy``
+serves a whole pipeline spec)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import argparse
 from pipeline.commands import add_catalog_argument
 
 NAME = "serve"
-HELP = "serve the ingest flow as a scheduled Prefect deployment (needs a Prefect server)"
+HELP = ("serve the ingest flow as a scheduled Prefect deployment (needs a Prefect server; "
+        "`thresher deploy SPEC.yaml` serves a whole pipeline)")
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
