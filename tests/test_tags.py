@@ -164,10 +164,15 @@ def test_tag_vocab_command_writes_the_mapping(tmp_path, capsys):
         read_tag_list(src)
     src.write_text("Summarization\nsummarization\nsummarizations\nCode Generation\t3\nhaiku\n", encoding="utf-8")
     out = tmp_path / "map.tsv"
-    assert main(["annotate", "tag-vocab", "--input", str(src), "--report", "--no-embed", "--min-frequency", "2",
+    assert main(["vocab", "tags", "--input", str(src), "--report", "--no-embed", "--min-frequency", "2",
                  "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "kept: 2 tags" in printed and "drop   'haiku'" in printed
     mapping = dict(line.split("\t") for line in out.read_text(encoding="utf-8").splitlines())
     assert mapping == {"Code Generation": "code generation", "Summarization": "summarization",
                        "haiku": "", "summarization": "summarization", "summarizations": "summarization"}
+    # the old spelling still works and says it is deprecated
+    assert main(["annotate", "tag-vocab", "--input", str(src), "--no-embed", "--min-frequency", "2",
+                 "--output", str(tmp_path / "old.tsv")]) == 0
+    assert "deprecated; use `thresher vocab tags`" in capsys.readouterr().err
+    assert (tmp_path / "old.tsv").read_text(encoding="utf-8") == out.read_text(encoding="utf-8")

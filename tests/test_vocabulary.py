@@ -212,7 +212,7 @@ def test_cli_vocab_writes_the_vocabulary_and_a_report(tmp_path, capsys):
     plain = tmp_path / "more.txt"
     plain.write_text("Red Pandas\n")
     out, report = tmp_path / "out.tsv", tmp_path / "report.json"
-    rc = cli_main(["concepts", "vocab", "--input", str(src), "--input", str(plain), "--min-count", "2",
+    rc = cli_main(["vocab", "concepts", "--input", str(src), "--input", str(plain), "--min-count", "2",
                    "--out", str(out), "--report", str(report)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -221,9 +221,15 @@ def test_cli_vocab_writes_the_vocabulary_and_a_report(tmp_path, capsys):
     assert [(e.concept, e.count) for e in vocab] == [("dog", 6), ("coffeemaker", 4), ("red panda", None)]
     data = json.loads(report.read_text())
     assert data["dropped_unsafe"][0]["unsafe"] == "porn" and data["dropped_rare"] == [{"concept": "rare thing", "count": 1}]
-    assert out.read_text().startswith("# built by: thresher concepts vocab --input in.tsv --input more.txt")
+    assert out.read_text().startswith("# built by: thresher vocab concepts --input in.tsv --input more.txt")
+    # the old spelling still works, says it is deprecated, and writes the same vocabulary
+    old = tmp_path / "old.tsv"
+    assert cli_main(["concepts", "vocab", "--input", str(src), "--input", str(plain), "--min-count", "2",
+                     "--out", str(old)]) == 0
+    assert "deprecated; use `thresher vocab concepts`" in capsys.readouterr().err
+    assert [(e.concept, e.count) for e in vb.read_vocabulary(old)] == [(e.concept, e.count) for e in vocab]
 
 
 def test_cli_vocab_needs_an_input(tmp_path, capsys):
-    assert cli_main(["concepts", "vocab", "--out", str(tmp_path / "x.tsv")]) == 2
+    assert cli_main(["vocab", "concepts", "--out", str(tmp_path / "x.tsv")]) == 2
     assert "--input" in capsys.readouterr().err
