@@ -156,7 +156,7 @@ def _connect_remote(catalog: str | Path, extra_views: dict[str, str] | None,
         con.execute(f"SET VARIABLE thresher_files_{name} = ?", [files])
         try:
             files_sql = f"getvariable('thresher_files_{name}')"
-            con.execute(f"CREATE VIEW {name} AS {_ROOT_GLOB.sub(lambda _m: files_sql, sql)}")
+            con.execute(f"CREATE VIEW {name} AS {_ROOT_GLOB.sub(lambda _m, f=files_sql: f, sql)}")
         except duckdb.Error as exc:
             message = _damage_message(name, files, exc, storage.fs)
             _error_view(con, name, schema, message)

@@ -17,12 +17,12 @@ import pytest
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
-from pipeline import cli, query  # noqa: E402
-from pipeline.io import storage as storage_mod  # noqa: E402
-from pipeline.io.catalog import Catalog  # noqa: E402
-from pipeline.io.runs import StageRun  # noqa: E402
-from pipeline.io.storage import CommitConflict, ObjectStorageUnsupported  # noqa: E402
-from pipeline.stages.ingest import run_ingest  # noqa: E402
+from pipeline import cli, query
+from pipeline.io import storage as storage_mod
+from pipeline.io.catalog import Catalog
+from pipeline.io.runs import StageRun
+from pipeline.io.storage import CommitConflict, ObjectStorageUnsupported
+from pipeline.stages.ingest import run_ingest
 
 REPO = Path(__file__).resolve().parents[1]
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -150,7 +150,7 @@ def test_commit_killed_before_the_manifest_switch_keeps_the_old_version(bucket_u
     new = _jsonl(tmp_path / "new.jsonl", _qa("new", 20))
     env = {**os.environ, **s3_server, "THRESHER_FAILPOINT": point, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", str(new), "--catalog", bucket_url,
-                           "--dataset", "d"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           "--dataset", "d"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed at the fault point
     # The new version was uploaded but nothing names it: readers see exactly the old state.
     old_version = manifest_before["folders"]["samples/instruction/dataset=d"]["version"]
@@ -183,6 +183,65 @@ def test_conflicting_commit_is_refused(bucket_url, tmp_path):
     assert cat.storage.current()["samples/instruction/dataset=d"]["version"] == "other-run"
     ledger = query.run_query(bucket_url, "SELECT status FROM runs WHERE status = 'failed'")
     assert ledger.num_rows == 1  # the refused run is in the ledger with its error
+
+
+# ------------------------------------------------------------------ leases (one writer across machines)
+
+
+def _lock_object(url: str, key: str) -> str:
+    st = Catalog.at(url).storage
+    return st.path(f"_locks/{key}.lock")
+
+
+def _hold(url: str, key: str, expires_in: float, host: str = "another-machine") -> None:
+    import time
+
+    st = Catalog.at(url).storage
+    st.fs.pipe_file(_lock_object(url, key), json.dumps(
+        {"run_id": "ingest-elsewhere", "pid": 4242, "host": host, "since": "then",
+         "expires_at": time.time() + expires_in}).encode())
+
+
+def test_a_live_lease_elsewhere_stops_the_run_at_once(bucket_url, tmp_path, capsys):
+    src = _jsonl(tmp_path / "a.jsonl", _qa("a", 4))
+    _hold(bucket_url, "dataset=d", 300)
+    assert cli.main(["ingest", str(src), "--catalog", bucket_url, "--dataset", "d"]) == 75
+    err = capsys.readouterr().err
+    assert "dataset=d is being written by run ingest-elsewhere (pid 4242 on another-machine" in err
+    assert "_manifest.json" not in " ".join(_objects(bucket_url))  # nothing was computed or committed
+
+
+def test_an_expired_lease_is_taken_over_and_a_finished_run_leaves_none(bucket_url, tmp_path, monkeypatch):
+    src = _jsonl(tmp_path / "a.jsonl", _qa("a", 4))
+    _hold(bucket_url, "dataset=d", -1)
+    assert run_ingest([str(src)], bucket_url, "d").counts["samples"] == 4
+    assert not [p for p in _objects(bucket_url) if "/_locks/" in p]
+    # THRESHER_LOCK_TIMEOUT waits for a lease that is not renewed any more.
+    _hold(bucket_url, "dataset=d", 2)
+    monkeypatch.setenv("THRESHER_LOCK_TIMEOUT", "20")
+    assert run_ingest([str(src)], bucket_url, "d", force=True).counts["samples"] == 4
+
+
+def test_lease_is_renewed_and_a_lost_lease_refuses_the_commit(bucket_url, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("THRESHER_LEASE_TTL", "5")  # a heartbeat every 5/3 s
+    run_ingest([str(_jsonl(tmp_path / "a.jsonl", _qa("a", 3)))], bucket_url, "d")
+    cat = Catalog.at(bucket_url)
+    st = cat.storage
+    with pytest.raises(CommitConflict, match="was taken over by another run"):
+        with StageRun(cat, "ingest", "d", cat.dataset_partitions("d"), {"p": 2}, {"i": 2}, key="dataset=d") as run:
+            first = json.loads(st.fs.cat_file(_lock_object(bucket_url, "dataset=d")))
+            assert first["run_id"] == run.run_id
+            time.sleep(2.5)
+            renewed = json.loads(st.fs.cat_file(_lock_object(bucket_url, "dataset=d")))
+            assert renewed["expires_at"] > first["expires_at"]
+            _hold(bucket_url, "dataset=d", 300)  # another machine took it (this run "stalled")
+            time.sleep(2.5)
+            run.commit({"rows": 0})
+    # The other holder's lease is left alone; the manifest was not switched.
+    assert json.loads(st.fs.cat_file(_lock_object(bucket_url, "dataset=d")))["run_id"] == "ingest-elsewhere"
+    assert query.run_query(bucket_url, "SELECT count(*) AS n FROM samples").column("n")[0].as_py() == 3
 
 
 def test_commits_of_other_folders_are_merged_not_lost(bucket_url, tmp_path):
@@ -221,7 +280,7 @@ def test_llm_tag_stage_on_object_storage(bucket_url, tmp_path):
         def log_message(self, *args):
             pass
 
-        def do_POST(self):  # noqa: N802 - http.server naming
+        def do_POST(self):  # http.server's naming
             self.rfile.read(int(self.headers["Content-Length"]))
             content = json.dumps({"tags": [{"tag": "trivia", "explanation": "a question"}]})
             body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()

@@ -26,7 +26,9 @@ On an object-storage catalog (``Catalog.at("s3://...")``) the run stages locally
 way (in the catalog's local working folder), and the commit uploads the staged folders to fresh
 version prefixes and then switches one manifest object with a conditional PUT
 (``pipeline.io.storage``): there is no journal to replay, a crash before the switch leaves the old
-version current. Only the stages in ``REMOTE_STAGES`` run there; others stop at once.
+version current. Runs on other machines are kept apart by a lease object renewed by a heartbeat
+(``pipeline.io.storage.Lease``). Only the stages in ``REMOTE_STAGES`` run there; others stop at
+once.
 """
 
 from __future__ import annotations
@@ -296,9 +298,15 @@ class StageRun:
         self.rebuild_reason: str | None = None
         self.started = _now()
         self.t0 = time.perf_counter()
-        # The local lock keeps runs on this machine apart; on object storage the commit also
-        # compares each output's version with the one seen here (pipeline.io.storage.switch).
+        # The local lock keeps runs on this machine apart; on object storage a lease object does
+        # so across machines, and the commit also compares each output's version with the one
+        # seen when the run started (pipeline.io.storage.switch).
         self._lock = Lock(self.root, self.key)
+        self._lease = None
+        if self.remote:  # across machines: a lease object with conditional PUTs (pipeline.io.storage.Lease)
+            from pipeline.io.storage import Lease
+
+            self._lease = Lease(catalog.storage, self.key)
         self._committed = False
         self._base: dict[str, str | None] = {}
         self._current: dict[str, Any] | None = None  # the manifest's folders when the run started
@@ -311,6 +319,7 @@ class StageRun:
             self._clean_orphans()
             if self.remote:
                 self.cat.storage.check_reachable()
+                self._lease.acquire(self.run_id, lock_timeout())
                 self._current = self.cat.storage.current()
                 self._base = {self._rel(p): (self._current.get(self._rel(p)) or {}).get("version")
                               for p in self.outputs.values()}
@@ -322,6 +331,8 @@ class StageRun:
                 for folder in self.staging.values():
                     folder.mkdir(parents=True)
         except BaseException:
+            if self._lease is not None:
+                self._lease.release()
             self._lock.release()
             raise
         return self
@@ -344,6 +355,8 @@ class StageRun:
             except OSError:
                 pass
         finally:
+            if self._lease is not None:
+                self._lease.release()
             self._lock.release()
         return False
 
@@ -431,6 +444,7 @@ class StageRun:
             changes[self._rel(final)] = entry
             manifests[name] = entry and {"version": entry["version"], "files": entry["files"]}
         failpoint("commit:before_journal")  # the same fault points as a local commit, for the tests
+        self._lease.check()
         storage.switch(self.run_id, self._base, changes)
         self._committed = True
         failpoint("commit:after_swap")

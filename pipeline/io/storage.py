@@ -13,8 +13,11 @@ names them yet), then replaces ``_manifest.json`` with one PUT, which object sto
 atomically; readers resolve every folder through the manifest, so they see the whole old or the
 whole new output set. The PUT is conditional on the manifest being the one read just before
 (``If-Match`` on S3; ``If-None-Match: *`` for the first one), and the commit refuses to go on
-when one of its folders was committed by another run since this run started: two writers on
-different machines can never silently overwrite each other (see :class:`CommitConflict`).
+when one of its folders was committed by another run since this run started: on S3 two writers
+on different machines can never silently overwrite each other (see :class:`CommitConflict`).
+Before computing, a run takes a lease object per output set (:class:`Lease`), so a second run
+elsewhere stops at once instead of computing in vain. :func:`publish_export` uploads a finished
+trainer export with its ``manifest.json`` last.
 
 Where the endpoint and credentials come from: fsspec's usual sources (for S3: the AWS
 environment variables and config files, including ``AWS_ENDPOINT_URL``), plus
@@ -216,7 +219,6 @@ class Storage:
                         f"{self.uri(self.path(rel))} was committed by run {now or '(a removal)'} while run {run_id}"
                         " was computing it; nothing was committed. On object storage one writer per output is"
                         " the user's responsibility: re-run once the other run has finished")
-            old = {rel: folders.get(rel) for rel in changes}
             previous = {}
             for rel, entry in changes.items():
                 if entry is None:
@@ -402,3 +404,159 @@ def publish_export(local: Path, url: str, overwrite: bool = False) -> list[str]:
     fs.put_file(str(local / EXPORT_MANIFEST), f"{base}/{EXPORT_MANIFEST}")
     fs.rm_file(f"{base}/{PUBLISHING}")
     return [fs.unstrip_protocol(f"{base}/{n}") for n in [*names, EXPORT_MANIFEST]]
+
+
+# ----------------------------------------------------------------------------------- leases
+
+LEASE_TTL_ENV = "THRESHER_LEASE_TTL"
+LOCKS = "_locks"
+
+
+def lease_ttl() -> float:
+    try:
+        return max(5.0, float(os.environ.get(LEASE_TTL_ENV, "60")))
+    except ValueError:
+        raise ValueError(f"{LEASE_TTL_ENV} must be a number of seconds") from None
+
+
+class Lease:
+    """One writer per output set across machines: ``<url>/_locks/<key>.lock``, created with a
+    conditional PUT (``If-None-Match: *``) and renewed by a heartbeat thread.
+
+    A lease expires ``THRESHER_LEASE_TTL`` seconds (default 60) after its last renewal, so a
+    killed run blocks others on other machines for at most that long; on the same machine a lease
+    whose process is gone is taken over at once. A lease is taken over only with ``If-Match`` on
+    the expired holder's ETag, so two runs can never both take it. Only on filesystems with
+    conditional writes (S3); elsewhere ``active`` is False and the manifest check alone protects
+    the commit (docs/object_storage.md).
+    """
+
+    def __init__(self, storage: Storage, key: str):
+        self.storage, self.key = storage, key
+        self.path = storage.path(f"{LOCKS}/{key.replace('/', '~')}.lock")
+        self.active = storage.conditional
+        self.ttl = lease_ttl()
+        self.lost: str | None = None
+        self._etag: str | None = None
+        self._run_id, self._since = "", ""
+        self._stop = None
+        self._thread = None
+
+    # ------------------------------------------------------------ holder records
+    def _body(self) -> bytes:
+        import socket
+
+        return json.dumps({"run_id": self._run_id, "pid": os.getpid(), "host": socket.gethostname(),
+                           "since": self._since, "expires_at": time.time() + self.ttl}).encode()
+
+    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
+        fs = self.storage.fs
+        fs.invalidate_cache(self.path)
+        try:
+            with fs.open(self.path, "rb") as fh:
+                etag = fh.details.get("ETag")
+                return json.loads(fh.read() or b"{}"), etag
+        except FileNotFoundError:
+            return None, None
+        except ValueError:
+            return {}, None
+
+    @staticmethod
+    def _stale(holder: dict[str, Any]) -> bool:
+        import socket
+
+        if float(holder.get("expires_at", 0)) < time.time():
+            return True
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return True  # its process is gone: no need to wait for the expiry
+            except PermissionError:
+                return False
+        return False
+
+    # ------------------------------------------------------------ acquire / renew / release
+    def acquire(self, run_id: str, timeout: float = 0.0) -> None:
+        from pipeline.io.runs import CatalogBusy, _busy_message
+
+        if not self.active:
+            return
+        self._run_id, self._since = run_id, _now()
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            holder = self._try()
+            if holder is None:
+                break
+            if time.monotonic() >= deadline:
+                raise CatalogBusy(_busy_message(self.key, holder) + f" (lease {self.storage.uri(self.path)}, expires"
+                                  f" {datetime.fromtimestamp(float(holder.get('expires_at', 0)), timezone.utc):%H:%M:%S} UTC"
+                                  " unless renewed)")
+            time.sleep(0.5)
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, name=f"lease {self.key}", daemon=True)
+        self._thread.start()
+
+    def _try(self) -> dict[str, Any] | None:
+        """None when the lease is now ours, else its live holder."""
+        fs = self.storage.fs
+        for _ in range(5):
+            try:
+                self._etag = fs.pipe_file(self.path, self._body(), mode="create").get("ETag")
+                return None
+            except FileExistsError:
+                pass
+            holder, etag = self._read()
+            if holder is not None:
+                break  # else it was released between the two calls: create it again
+        else:
+            return {"run_id": "(several runs in turn)"}
+        if etag is None or not self._stale(holder):
+            return holder
+        try:
+            self._etag = fs.pipe_file(self.path, self._body(), IfMatch=etag).get("ETag")
+        except OSError as exc:
+            if "pre-condition" in str(exc) or "PreconditionFailed" in str(exc) or "Conflict" in str(exc):
+                return holder  # another run took it over first
+            raise
+        import logging
+
+        logging.getLogger("thresher").warning("took over the lease of %s from run %s (expired or its process is gone)",
+                                              self.key, holder.get("run_id"))
+        return None
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self._etag = self.storage.fs.pipe_file(self.path, self._body(), IfMatch=self._etag).get("ETag")
+            except Exception as exc:  # noqa: BLE001 - any failure means we can no longer prove we hold it
+                if "pre-condition" in str(exc) or "PreconditionFailed" in str(exc):
+                    self.lost = f"the lease {self.storage.uri(self.path)} was taken over by another run"
+                    return
+                # a transient error: try again at the next beat, while the lease still runs
+
+    def check(self) -> None:
+        """Raise :class:`CommitConflict` when this run no longer holds its lease."""
+        if self.lost:
+            raise CommitConflict(f"{self.lost} (this run stalled longer than {LEASE_TTL_ENV}={self.ttl:g} s);"
+                                 " nothing was committed")
+
+    def release(self) -> None:
+        if not self.active or self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._thread = None
+        if self.lost:
+            return
+        try:
+            holder, _ = self._read()
+            if holder is not None and holder.get("run_id") == self._run_id:
+                self.storage.fs.rm_file(self.path)
+        except Exception as exc:  # noqa: BLE001 - never mask the run's outcome: the lease expires by itself
+            import logging
+
+            logging.getLogger("thresher").warning("could not release the lease %s (it expires in %g s): %s",
+                                                  self.storage.uri(self.path), self.ttl, exc)
