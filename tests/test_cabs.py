@@ -29,6 +29,7 @@ from pipeline.select.cabs import (
     ConceptTable,
     batch_size_for,
     cabs_dm,
+    cabs_dm_python,
     cabs_fm,
     reference_targets,
     select_batch,
@@ -175,25 +176,30 @@ def _dm_cases() -> list[tuple[int, list[list[int]], int]]:
 
 
 ENGINES = {
-    # force each re-scoring path of the lazy greedy
-    "default": {},
-    "blocks": {"_SINGLE_MAX": 0, "_BLOCK_MAX": 3, "_REBUILD_FRACTION": None},  # tiny numpy blocks only
-    "singles": {"_SINGLE_MAX": 10**9, "_BLOCK_MAX": 10**9, "_REBUILD_FRACTION": None},  # Python only
-    "rebuilds": {"_SINGLE_MAX": 2, "_BLOCK_MAX": 5, "_REBUILD_FRACTION": 0.05},  # full rebuilds often
+    "compiled": None,  # cabs_dm: the compiled greedy
+    # cabs_dm_python, the previous pure-Python greedy, forced down each of its re-scoring paths
+    "python": {},
+    "python-blocks": {"_SINGLE_MAX": 0, "_BLOCK_MAX": 3, "_REBUILD_FRACTION": None},  # tiny numpy blocks only
+    "python-singles": {"_SINGLE_MAX": 10**9, "_BLOCK_MAX": 10**9, "_REBUILD_FRACTION": None},  # Python only
+    "python-rebuilds": {"_SINGLE_MAX": 2, "_BLOCK_MAX": 5, "_REBUILD_FRACTION": 0.05},  # full rebuilds often
 }
 
 
-def use_engine(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def use_engine(name: str, monkeypatch: pytest.MonkeyPatch):
+    """The DM function of engine ``name`` (tuning constants patched for the Python ones)."""
+    if ENGINES[name] is None:
+        return cabs_dm
     for attr, value in ENGINES[name].items():
         monkeypatch.setattr(cabs_mod, attr, value)
+    return cabs_dm_python
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_dm_paper_matches_naive_rescan(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    use_engine(engine, monkeypatch)
+    dm = use_engine(engine, monkeypatch)
     n_targets_above_one = 0
     for case, rows, b in _dm_cases():
-        r = cabs_dm(ConceptTable.from_id_lists(rows, n_concepts=25), b)
+        r = dm(ConceptTable.from_id_lists(rows, n_concepts=25), b)
         picks, gains = naive_dm_paper(rows, b)
         assert r.indices.tolist() == picks, f"case {case}"
         assert r.gains.tolist() == gains, f"case {case}"
@@ -204,14 +210,14 @@ def test_dm_paper_matches_naive_rescan(engine: str, monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_dm_paper_matches_vectorised_rescan_on_zipf(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    use_engine(engine, monkeypatch)
+    dm = use_engine(engine, monkeypatch)
     rng = np.random.default_rng(7)
     rows = random_rows(rng, 1500, 800, 3.0, zipf=True)
     t = ConceptTable.from_id_lists(rows, n_concepts=800)
     for b in (300, 1400):
-        assert cabs_dm(t, b).indices.tolist() == rescan_dm_paper_numpy(rows, b)
+        assert dm(t, b).indices.tolist() == rescan_dm_paper_numpy(rows, b)
     small = rows[:700]
-    ref = cabs_dm(ConceptTable.from_id_lists(small, n_concepts=800), 140, "reference", seed=0)
+    ref = dm(ConceptTable.from_id_lists(small, n_concepts=800), 140, "reference", seed=0)
     assert ref.indices.tolist() == naive_dm_reference(small, 140, 10, seed=0)[0]
 
 
@@ -254,14 +260,14 @@ def test_reference_targets_alphabetical_remainder() -> None:
 
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_dm_reference_matches_naive(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    use_engine(engine, monkeypatch)
+    dm = use_engine(engine, monkeypatch)
     rng = np.random.default_rng(99)
     filled = padded = 0
     for case, rows, b in _dm_cases():
         cap = int(rng.integers(1, 5))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            r = cabs_dm(ConceptTable.from_id_lists(rows, n_concepts=25), b, "reference", cap=cap, seed=case)
+            r = dm(ConceptTable.from_id_lists(rows, n_concepts=25), b, "reference", cap=cap, seed=case)
         picks, gains, n_fill, n_pad = naive_dm_reference(rows, b, cap, seed=case)
         assert r.indices.tolist() == picks, f"case {case}"
         n_greedy = len(gains)
@@ -326,6 +332,62 @@ def test_never_short_in_any_mode(seed: int) -> None:
         for r in results:
             assert len(r) == b and np.unique(r.indices).size == b
             assert r.indices.min() >= 0 and r.indices.max() < n
+
+
+# --- the compiled greedy against the previous Python greedy --------------------------------------
+
+
+def assert_same_batch(fast, previous) -> None:
+    assert fast.indices.tolist() == previous.indices.tolist()
+    np.testing.assert_array_equal(fast.gains, previous.gains)  # bit for bit (NaN where both fill)
+    assert (fast.zero_gain_count, fast.random_fill_count, fast.padded_count) == (
+        previous.zero_gain_count, previous.random_fill_count, previous.padded_count)
+    assert (fast.n_distinct_concepts, fast.target, fast.mode) == (
+        previous.n_distinct_concepts, previous.target, previous.mode)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_compiled_dm_equals_python_on_zipf_superbatches(seed: int) -> None:
+    # Real-shaped: Poisson(3) instances from a Zipf vocabulary (the benchmark's shape, smaller),
+    # b at the paper's 0.2 B, at t = 1 and at t > 1, both modes, caps that force fill and padding.
+    rng = np.random.default_rng(seed)
+    pool = zipf_table(rng, 20_000, vocab=3000)
+    for big_b, b in ((5120, 1024), (2000, 1900), (600, 120)):
+        sb = pool.take(rng.choice(pool.n_rows, big_b, replace=False))
+        assert_same_batch(cabs_dm(sb, b), cabs_dm_python(sb, b))
+        for cap in (10, 2, 1):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                fast = cabs_dm(sb, b, "reference", cap=cap, seed=seed)
+                previous = cabs_dm_python(sb, b, "reference", cap=cap, seed=seed)
+            assert_same_batch(fast, previous)
+
+
+def test_compiled_dm_equals_python_with_many_ties() -> None:
+    # Tiny vocabularies and repeated rows: equal gains everywhere, decided by position alone.
+    rng = np.random.default_rng(17)
+    for _ in range(40):
+        n = int(rng.integers(1, 400))
+        vocab = int(rng.integers(1, 6))
+        base = random_rows(rng, max(1, n // 8), vocab, float(rng.uniform(0.0, 3.0)))
+        rows = [list(base[int(j)]) for j in rng.integers(0, len(base), n)]
+        t = ConceptTable.from_id_lists(rows, n_concepts=vocab)
+        b = int(rng.integers(1, n + 1))
+        assert_same_batch(cabs_dm(t, b), cabs_dm_python(t, b))
+        cap = int(rng.integers(1, 4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            assert_same_batch(cabs_dm(t, b, "reference", cap=cap, seed=1),
+                              cabs_dm_python(t, b, "reference", cap=cap, seed=1))
+    same = ConceptTable.from_id_lists([[0, 1]] * 50, n_concepts=2)  # every gain equal
+    assert cabs_dm(same, 10).indices.tolist() == list(range(10))
+
+
+def test_cap_must_be_a_positive_integer() -> None:
+    t = ConceptTable.from_id_lists([[0], [1]])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="cap must be an integer >= 1"):
+            cabs_dm(t, 1, "reference", cap=bad)
 
 
 # --- batch metrics -------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from pipeline.select.mig import (
     propagation_matrix,
     random_baseline,
     read_xsample_jsonl,
+    reference_greedy_select,
     tag_coverage,
 )
 
@@ -137,8 +138,8 @@ def test_propagated_vectors_equal_the_dense_transcription_bitwise() -> None:
 def test_padded_and_csr_scoring_give_identical_runs() -> None:
     labels, scores, W = zipf_pool(7, 2000, 150, duplicates=100, empty=20, zero_scores=20)
     ehat = propagated_vectors(labels, scores, W)
-    a = greedy_select(ehat, 800, padded_bytes=1 << 30)
-    b = greedy_select(ehat, 800, padded_bytes=0)
+    a = reference_greedy_select(ehat, 800, padded_bytes=1 << 30)
+    b = reference_greedy_select(ehat, 800, padded_bytes=0)
     assert a.picks.tolist() == b.picks.tolist()
     np.testing.assert_array_equal(a.gains, b.gains)
 
@@ -150,7 +151,7 @@ def test_small_heap_tier_matches_oracle(hot_size: int, seed: int) -> None:
     labels, scores, W = zipf_pool(20 + seed, 200, 30, duplicates=30, empty=5, zero_scores=5)
     config = MIGConfig(phi="exp", phi_alpha=0.2) if seed else MIGConfig()
     ehat = propagated_vectors(labels, scores, W, config)
-    ours = greedy_select(ehat, 200, config, padded_bytes=seed << 20, hot_size=hot_size)
+    ours = reference_greedy_select(ehat, 200, config, padded_bytes=seed << 20, hot_size=hot_size)
     oracle = oracle_for(labels, scores, W, 200, config)
     assert ours.picks.tolist() == oracle.picks
     np.testing.assert_array_equal(ours.gains, np.asarray(oracle.gains))
@@ -165,6 +166,85 @@ def test_larger_pool_against_oracle_and_lazy_saves_work() -> None:
     assert ours.picks.tolist() == oracle.picks
     # A full re-scan evaluates about N gains per pick; the lazy greedy far fewer.
     assert ours.evaluations - 1500 < 0.25 * 1500 * 300
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled greedy against the previous implementation (reference_greedy_select)
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_same_run(fast, previous) -> None:
+    assert fast.picks.tolist() == previous.picks.tolist()
+    np.testing.assert_array_equal(fast.gains, previous.gains)  # bit for bit, not within a tolerance
+    np.testing.assert_array_equal(fast.X, previous.X)
+    assert fast.information == previous.information
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.phi}-norm{int(c.norm)}-a{c.prop_weight}-b{c.phi_b}")
+def test_compiled_greedy_equals_previous_implementation(seed: int, config: MIGConfig) -> None:
+    # Rounded scores, duplicated samples and rounded edge weights make exactly equal gains common,
+    # so the tie rule (lowest pool index) is exercised on every run; budget = pool size for seed 0.
+    labels, scores, W = zipf_pool(100 + seed, 1200, 90, duplicates=150, empty=15, zero_scores=15)
+    ehat = propagated_vectors(labels, scores, W, config)
+    budget = 1200 if seed == 0 else 500
+    fast = greedy_select(ehat, budget, config)
+    assert_same_run(fast, reference_greedy_select(ehat, budget, config))
+    assert_same_run(fast, reference_greedy_select(ehat, budget, config, padded_bytes=0, hot_size=7))
+
+
+def test_compiled_greedy_breaks_exact_ties_by_index() -> None:
+    # Every sample identical: all gains tie at every step, so the picks must be 0, 1, 2, ...
+    n = 300
+    labels = [[0, 2, 3]] * n
+    ehat = propagated_vectors(labels, np.full(n, 2.5), sp.identity(5, format="csr"))
+    fast = greedy_select(ehat, n)
+    assert fast.picks.tolist() == list(range(n))
+    assert_same_run(fast, reference_greedy_select(ehat, n))
+    # Two interleaved groups of equal samples: ties inside each group go to the lowest index.
+    labels = [[0, 1] if i % 2 else [2, 3] for i in range(n)]
+    ehat = propagated_vectors(labels, np.ones(n), sp.identity(5, format="csr"))
+    fast = greedy_select(ehat, n)
+    assert fast.picks[:4].tolist() == [0, 1, 2, 3]
+    assert_same_run(fast, reference_greedy_select(ehat, n))
+
+
+def test_compiled_greedy_on_a_tulu_shaped_pool() -> None:
+    # Real-shaped: Zipf labels over a 1,000-label vocabulary, DEITA-range scores, a sparse graph.
+    rng = np.random.default_rng(3)
+    n, k = 20_000, 1_000
+    p = 1.0 / np.arange(1, k + 1)
+    p /= p.sum()
+    counts = rng.integers(3, 8, n)
+    ids = rng.permutation(k)[rng.choice(k, int(counts.sum()), p=p)]
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    labels = sp.csr_matrix((np.ones(ids.size), ids, indptr), shape=(n, k))
+    scores = rng.uniform(1.0, 25.0, n).round(2)
+    src = np.repeat(np.arange(k), 2)
+    dst = rng.integers(0, k, src.size)
+    keep = src != dst
+    upper = sp.coo_matrix((rng.uniform(0.7, 1.0, src.size)[keep], (src[keep], dst[keep])), shape=(k, k)).tocsr()
+    W = (upper.maximum(upper.T) + sp.identity(k)).tocsr()
+    for config in (MIGConfig(), MIGConfig(phi="exp", phi_alpha=0.1, norm=True)):
+        ehat = propagated_vectors(labels, scores, W, config)
+        fast = greedy_select(ehat, 3000, config)
+        assert_same_run(fast, reference_greedy_select(ehat, 3000, config))
+        assert fast.evaluations < 3000 * n // 50  # lazy: far fewer than a full re-scan per pick
+
+
+def test_compiled_greedy_edge_cases() -> None:
+    W = sp.identity(3, format="csr")
+    ehat = propagated_vectors([[], [1], [], [0, 2]], [1.0, 0.0, 3.0, 2.0], W)
+    for budget in (0, 1, 4):
+        assert_same_run(greedy_select(ehat, budget), reference_greedy_select(ehat, budget))
+    empty = propagated_vectors([[], []], [1.0, 2.0], W)
+    assert greedy_select(empty, 2).picks.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="exceeds the pool size"):
+        greedy_select(ehat, 5)
+    bad = ehat.copy()
+    bad.data[0] = -1.0
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        greedy_select(bad, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,13 +292,16 @@ def test_empty_and_zero_score_samples_come_last_by_index() -> None:
     assert np.all(result.gains[: 6 - len(tail)] > 0.0)
 
 
-@pytest.mark.parametrize("padded_bytes", [0, 1 << 20])
-def test_empty_label_sets_at_the_end_of_the_pool(padded_bytes: int) -> None:
+@pytest.mark.parametrize("padded_bytes", [0, 1 << 20, None])
+def test_empty_label_sets_at_the_end_of_the_pool(padded_bytes: int | None) -> None:
     labels, scores, W = zipf_pool(9, 60, 12)
     labels += [[], []]
     scores = np.append(scores, [4.0, 0.0])
     ehat = propagated_vectors(labels, scores, W)
-    result = greedy_select(ehat, 62, padded_bytes=padded_bytes)
+    if padded_bytes is None:  # the compiled greedy
+        result = greedy_select(ehat, 62)
+    else:
+        result = reference_greedy_select(ehat, 62, padded_bytes=padded_bytes)
     oracle = oracle_for(labels, scores, W, 62, MIGConfig())
     assert result.picks.tolist() == oracle.picks
     zero = result.picks[result.gains == 0.0].tolist()

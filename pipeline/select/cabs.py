@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from numba import njit
 
 DmMode = Literal["paper", "reference"]
 REFERENCE_CAP = 10  # per-concept cap of the reference code ("per device")
@@ -304,13 +305,34 @@ def cabs_dm(
     ``cap`` and ``seed`` are used by ``mode="reference"`` only (the concept cap and the random
     fill of a shortfall).
     """
+    return _dm(table, b, mode, cap, seed, compiled=True)
+
+
+def cabs_dm_python(
+    table: ConceptTable,
+    b: int,
+    mode: DmMode = "paper",
+    *,
+    cap: int = REFERENCE_CAP,
+    seed: int | np.random.Generator | None = 0,
+) -> CabsResult:
+    """:func:`cabs_dm` through the previous pure-Python lazy greedy (:func:`_lazy_greedy`).
+
+    Kept as the baseline the compiled greedy is checked against, pick for pick and gain for gain,
+    by tests/test_cabs.py and timed against by benchmarks/cabs.py. Same arguments and result.
+    """
+    return _dm(table, b, mode, cap, seed, compiled=False)
+
+
+def _dm(table: ConceptTable, b: int, mode: DmMode, cap: int, seed: int | np.random.Generator | None,
+        compiled: bool) -> CabsResult:
     b = _check_b(table, b)
     if mode == "paper":
-        return _dm_paper(table, b)
+        return _dm_paper(table, b, compiled)
     if mode == "reference":
-        if int(cap) < 1:
-            raise ValueError(f"cap must be >= 1, got {cap}")
-        return _dm_reference(table, b, int(cap), seed)
+        if isinstance(cap, bool) or int(cap) != cap or int(cap) < 1:
+            raise ValueError(f"cap must be an integer >= 1, got {cap!r}")
+        return _dm_reference(table, b, int(cap), seed, compiled)
     raise ValueError(f"unknown DM mode {mode!r}; use 'paper' or 'reference'")
 
 
@@ -543,7 +565,124 @@ def _lazy_greedy(
     return picks, gains
 
 
-def _dm_paper(table: ConceptTable, b: int) -> CabsResult:
+# ---------------------------------------------------------------------------------------------
+# The compiled greedy (both modes)
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _sift_down(keys: np.ndarray, rows: np.ndarray, size: int, pos: int) -> None:
+    """Restore the heap below ``pos``: larger key first, then the lower row (super-batch position).
+
+    Keys sit next to their rows in the heap arrays, so a level compares adjacent memory.
+    """
+    key, row = keys[pos], rows[pos]
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        ck, cr = keys[child], rows[child]
+        if child + 1 < size:
+            k2, r2 = keys[child + 1], rows[child + 1]
+            if k2 > ck or (k2 == ck and r2 < cr):
+                child += 1
+                ck, cr = k2, r2
+        if not (ck > key or (ck == key and cr < row)):
+            break
+        keys[pos], rows[pos] = ck, cr
+        pos = child
+    keys[pos], rows[pos] = key, row
+
+
+@njit(cache=True, nogil=True)
+def _dm_kernel(ptr, cl, candidates, terms, b, paper, target, targets, inv_freq, cap, stop_at_zero):
+    """Exact lazy greedy of both DM modes over the rows ``cl[ptr[i]:ptr[i + 1]]``.
+
+    One binary max-heap of candidate rows keyed by (stored gain, -position). Gains never rise, so
+    a heap top none of whose concepts changed since it was scored is the true arg-max (ties to the
+    lowest position); a stale top is re-scored in place and sifted down, and dropped once its gain
+    is -inf (reference mode: it holds a capped concept). A gain is the left-to-right sum of the
+    row's per-concept terms divided by the row length, and every term update is the expression
+    of the Python greedy (:func:`_lazy_greedy` with ``on_pick``), so the floats and therefore the
+    picks are the same. ``paper``: terms of distinct concepts, real target ``target``;
+    otherwise per-instance counts, integer ``targets`` (as floats) and the ``cap``. Returns the
+    picks and gains (the first ``done`` entries) and the per-concept counts.
+    """
+    n = ptr.shape[0] - 1
+    n_concepts = terms.shape[0] - 1
+    stamp = np.zeros(n, dtype=np.int64)
+    changed_at = np.zeros(n_concepts, dtype=np.int64)
+    count = np.zeros(n_concepts, dtype=np.int64)
+    picks = np.empty(b, dtype=np.int64)
+    gains = np.empty(b, dtype=np.float64)
+    size = candidates.shape[0]
+    rows = candidates.copy()
+    keys = np.empty(size, dtype=np.float64)
+    for j in range(size):
+        i = rows[j]
+        s = 0.0
+        for p in range(ptr[i], ptr[i + 1]):
+            s += terms[cl[p]]
+        keys[j] = s / max(ptr[i + 1] - ptr[i], 1)
+    for pos in range(size // 2 - 1, -1, -1):
+        _sift_down(keys, rows, size, pos)
+    done = 0
+    rescored = 0
+    while done < b and size > 0:
+        top = rows[0]
+        lo, hi = ptr[top], ptr[top + 1]
+        stale = False
+        for p in range(lo, hi):
+            if changed_at[cl[p]] > stamp[top]:
+                stale = True
+                break
+        if stale:
+            rescored += 1
+            s = 0.0
+            for p in range(lo, hi):
+                s += terms[cl[p]]
+            if s == -np.inf:  # holds a capped concept: never eligible again
+                size -= 1
+                keys[0], rows[0] = keys[size], rows[size]
+            else:
+                keys[0] = s / (hi - lo)
+                stamp[top] = done
+            if size > 0:
+                _sift_down(keys, rows, size, 0)
+            continue
+        g = keys[0]
+        size -= 1
+        keys[0], rows[0] = keys[size], rows[size]
+        if size > 0:
+            _sift_down(keys, rows, size, 0)
+        picks[done] = top
+        gains[done] = g
+        done += 1
+        if stop_at_zero and g == 0.0:
+            break
+        for p in range(lo, hi):
+            c = cl[p]
+            if paper:
+                cnt = count[c]
+                if cnt < target:
+                    cnt += 1
+                    count[c] = cnt
+                    terms[c] = (target - cnt) / target + inv_freq[c] if cnt < target else 0.0
+                    changed_at[c] = done
+            else:  # one increment per instance, as the reference counts
+                cnt = count[c] + 1
+                count[c] = cnt
+                t = targets[c]
+                if cnt <= t:
+                    terms[c] = (t - cnt) / t + inv_freq[c] if cnt < t else REFERENCE_PAST_TARGET
+                    changed_at[c] = done
+                if cnt == cap:  # every other sample containing c becomes invalid
+                    terms[c] = -np.inf
+                    changed_at[c] = done
+    return picks, gains, done, count, rescored
+
+
+def _dm_paper(table: ConceptTable, b: int, compiled: bool = True) -> CabsResult:
     n = table.n_rows
     ptr, ids = table.distinct_indptr, table.distinct_ids
     n_concepts = table.n_concepts
@@ -556,6 +695,17 @@ def _dm_paper(table: ConceptTable, b: int) -> CabsResult:
     terms = np.zeros(n_concepts + 1, dtype=np.float64)  # last slot: padding sentinel, always 0.0
     # (t - 0) / t is exactly 1.0, so this equals the per-pick update formula bit for bit
     terms[:n_concepts][present] = 1.0 + inv_freq[present]
+    if compiled:
+        k_picks, k_gains, done, _, _ = _dm_kernel(ptr, ids, np.arange(n, dtype=np.int64), terms, b, True, target,
+                                               inv_freq, inv_freq, 0, True)
+        picks, gains = k_picks[:done].tolist(), k_gains[:done].tolist()
+    else:
+        picks, gains = _python_dm_paper(b, n, ptr, ids, n_concepts, target, inv_freq, terms)
+    return _finish_paper(picks, gains, n, b, n_distinct, target)
+
+
+def _python_dm_paper(b: int, n: int, ptr: np.ndarray, ids: np.ndarray, n_concepts: int, target: float,
+                     inv_freq: np.ndarray, terms: np.ndarray) -> tuple[list[int], list[float]]:
     scorer = _RowScorer(ptr, ids, n_concepts)
     pl, cl = ptr.tolist(), ids.tolist()
     invf = inv_freq.tolist()
@@ -583,8 +733,12 @@ def _dm_paper(table: ConceptTable, b: int) -> CabsResult:
                 changed_at[c] = done
                 pending.append(c)
 
-    picks, gains = _lazy_greedy(b, np.arange(n, dtype=np.int64), scorer, pl, cl, terms, term_list, pending,
-                                changed_at, on_pick_unit_target if target == 1.0 else on_pick, True)
+    return _lazy_greedy(b, np.arange(n, dtype=np.int64), scorer, pl, cl, terms, term_list, pending,
+                        changed_at, on_pick_unit_target if target == 1.0 else on_pick, True)
+
+
+def _finish_paper(picks: list[int], gains: list[float], n: int, b: int, n_distinct: int,
+                  target: float) -> CabsResult:
     if len(picks) < b:
         # the last pick scored 0 and gains are >= 0, so every remaining gain is 0: the tie rule
         # takes the rest by ascending index
@@ -628,7 +782,8 @@ def reference_targets(
     targets[alpha_order] = t
     return targets
 
-def _dm_reference(table: ConceptTable, b: int, cap: int, seed: int | np.random.Generator | None) -> CabsResult:
+def _dm_reference(table: ConceptTable, b: int, cap: int, seed: int | np.random.Generator | None,
+                  compiled: bool = True) -> CabsResult:
     n = table.n_rows
     ptr, ids = table.indptr, table.concept_ids  # instances in stored order: the reference's mean
     n_concepts = table.n_concepts
@@ -641,6 +796,52 @@ def _dm_reference(table: ConceptTable, b: int, cap: int, seed: int | np.random.G
     terms = np.zeros(n_concepts + 1, dtype=np.float64)  # last slot: padding sentinel
     # (t - 0) / t is exactly 1.0 (every present concept has a target >= 1)
     terms[:n_concepts][present] = 1.0 + inv_freq[present]
+    lengths = np.diff(ptr)
+    # samples without concepts score -inf in the reference: only the random fill can take them
+    candidates = np.flatnonzero(lengths > 0)
+    if compiled:
+        k_picks, k_gains, done, k_count, _ = _dm_kernel(ptr, ids, candidates, terms, b, False, 1.0,
+                                                     targets.astype(np.float64), inv_freq, cap, False)
+        picks, gains, count = k_picks[:done].tolist(), k_gains[:done].tolist(), k_count
+    else:
+        picks, gains, count = _python_dm_reference(b, cap, ptr, ids, n_concepts, candidates, targets, inv_freq,
+                                                   terms)
+    n_greedy = len(picks)
+    zero_gain = sum(1 for g in gains if g <= 0.0)
+    random_fill = padded = 0
+    if n_greedy < b:
+        taken = np.zeros(n, dtype=bool)
+        taken[picks] = True
+        capped = np.asarray(count, dtype=np.int64) >= cap
+        has_capped = np.zeros(n, dtype=bool)
+        has_capped[np.repeat(np.arange(n, dtype=np.int64), lengths)[capped[ids]]] = True
+        valid = np.flatnonzero(~taken & ~has_capped)
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        fill = rng.choice(valid, size=min(b - n_greedy, valid.size), replace=False) if valid.size else valid
+        random_fill = int(fill.size)
+        picks.extend(fill.tolist())
+        taken[fill] = True
+        if len(picks) < b:
+            pad = np.flatnonzero(~taken)[: b - len(picks)]
+            padded = int(pad.size)
+            picks.extend(pad.tolist())
+            warnings.warn(
+                f"CABS-DM reference mode: only {n_greedy} greedy picks and {random_fill} valid samples for the "
+                f"random fill; padded the batch with {padded} samples that contain capped concepts "
+                f"(cap={cap}) so that it still has b={b} samples. Raise cap (thresher select cabs --cap) or the "
+                "super-batch size to avoid this.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    gains_arr = np.full(b, math.nan, dtype=np.float64)
+    gains_arr[:n_greedy] = gains
+    return CabsResult(np.asarray(picks, dtype=np.int64), gains_arr, "dm-reference", zero_gain,
+                      random_fill, padded, n_distinct_concepts=n_distinct)
+
+
+def _python_dm_reference(b: int, cap: int, ptr: np.ndarray, ids: np.ndarray, n_concepts: int,
+                         candidates: np.ndarray, targets: np.ndarray, inv_freq: np.ndarray,
+                         terms: np.ndarray) -> tuple[list[int], list[float], list[int]]:
     scorer = _RowScorer(ptr, ids, n_concepts)
     pl, cl = ptr.tolist(), ids.tolist()
     invf = inv_freq.tolist()
@@ -665,40 +866,9 @@ def _dm_reference(table: ConceptTable, b: int, cap: int, seed: int | np.random.G
                 changed_at[c] = done
                 pending.append(c)
 
-    lengths = scorer.lengths
-    # samples without concepts score -inf in the reference: only the random fill can take them
-    picks, gains = _lazy_greedy(b, np.flatnonzero(lengths > 0), scorer, pl, cl, terms, term_list, pending,
-                                changed_at, on_pick, False)
-    n_greedy = len(picks)
-    zero_gain = sum(1 for g in gains if g <= 0.0)
-    random_fill = padded = 0
-    if n_greedy < b:
-        taken = np.zeros(n, dtype=bool)
-        taken[picks] = True
-        capped = np.asarray(count, dtype=np.int64) >= cap
-        has_capped = np.zeros(n, dtype=bool)
-        has_capped[np.repeat(np.arange(n, dtype=np.int64), lengths)[capped[ids]]] = True
-        valid = np.flatnonzero(~taken & ~has_capped)
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        fill = rng.choice(valid, size=min(b - n_greedy, valid.size), replace=False) if valid.size else valid
-        random_fill = int(fill.size)
-        picks.extend(fill.tolist())
-        taken[fill] = True
-        if len(picks) < b:
-            pad = np.flatnonzero(~taken)[: b - len(picks)]
-            padded = int(pad.size)
-            picks.extend(pad.tolist())
-            warnings.warn(
-                f"CABS-DM reference mode: only {n_greedy} greedy picks and {random_fill} valid samples for the "
-                f"random fill; padded the batch with {padded} samples that contain capped concepts "
-                f"(cap={cap}) so that it still has b={b} samples. Raise cap or the super-batch size to avoid this.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    gains_arr = np.full(b, math.nan, dtype=np.float64)
-    gains_arr[:n_greedy] = gains
-    return CabsResult(np.asarray(picks, dtype=np.int64), gains_arr, "dm-reference", zero_gain,
-                      random_fill, padded, n_distinct_concepts=n_distinct)
+    picks, gains = _lazy_greedy(b, candidates, scorer, pl, cl, terms, term_list, pending, changed_at, on_pick,
+                                False)
+    return picks, gains, count
 
 
 # ---------------------------------------------------------------------------------------------
