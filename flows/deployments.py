@@ -78,7 +78,7 @@ def _to_deployment(flow: Any, cron: str | None, **kwargs: Any) -> Any:
 
 
 def pipeline_deployment(spec: PipelineSpec, cron: str | None = None, name: str | None = None,
-                        workers: int = 1) -> Any:
+                        workers: int = 1, beam_args: list[str] | None = None) -> Any:
     """A RunnerDeployment of ``thresher-pipeline`` carrying the validated spec (absolute paths).
 
     The spec travels as the deployment's parameters, so each scheduled run curates what the spec
@@ -87,6 +87,8 @@ def pipeline_deployment(spec: PipelineSpec, cron: str | None = None, name: str |
     from flows.pipeline import pipeline_flow
 
     params = {"spec": spec.to_dict(), "workers": workers}
+    if beam_args:
+        params["beam_args"] = list(beam_args)
     selection = f", selection {spec.selection.algorithm}" if spec.selection else ""
     return _to_deployment(pipeline_flow, cron, name=name or spec.name, parameters=params,
                           tags=["thresher", spec.kind],
@@ -94,8 +96,9 @@ def pipeline_deployment(spec: PipelineSpec, cron: str | None = None, name: str |
                                       f"{selection}; unchanged stages are skipped.")
 
 
-def serve_pipeline(spec: PipelineSpec, cron: str | None, name: str | None = None,
-                   workers: int = 1) -> None:  # pragma: no cover - blocks until stopped
+def serve_pipeline(spec: PipelineSpec, cron: str | None, name: str | None = None, workers: int = 1,
+                   beam_args: list[str] | None = None) -> None:  # pragma: no cover - blocks until stopped
     from prefect import serve
 
-    serve(pipeline_deployment(spec, cron, name, workers))
+    require_api_url("thresher deploy")
+    serve(pipeline_deployment(spec, cron, name, workers, beam_args))

@@ -84,11 +84,17 @@ def _image_text_dataset(spec: PipelineSpec, dataset: str, workers: int, force: b
 
 
 @flow(name="thresher-pipeline", log_prints=True)
-def pipeline_flow(spec: dict[str, Any], workers: int = 1, force: bool = False) -> dict[str, Any]:
-    """Run the pipeline ``spec`` (a ``PipelineSpec.to_dict()``); returns every task's summary."""
+def pipeline_flow(spec: dict[str, Any], workers: int = 1, force: bool = False,
+                  beam_args: list[str] | None = None) -> dict[str, Any]:
+    """Run the pipeline ``spec`` (a ``PipelineSpec.to_dict()``); returns every task's summary.
+
+    ``beam_args`` (e.g. ``--runner dask --dask_client_address tcp://HOST:8786``) reach the ingest
+    jobs; the later stages' tasks take no Beam options yet and run on the local runner.
+    """
     s = validate_spec(spec, source=f"pipeline {spec.get('name', '?')!r}")
     # One dataset after another: each Beam job already uses every worker it was given.
-    ingest = [ingest_task(IngestSpec(**d.ingest_fields()), s.catalog, workers, None, force) for d in s.datasets]
+    ingest = [ingest_task(IngestSpec(**d.ingest_fields()), s.catalog, workers, beam_args or None, force)
+              for d in s.datasets]
     per_dataset = _instruction_dataset if s.kind == "instruction" else _image_text_dataset
     return {"name": s.name, "kind": s.kind, "catalog": s.catalog, "ingest": ingest,
             "datasets": {d.dataset: per_dataset(s, d.dataset, workers, force) for d in s.datasets}}

@@ -6,6 +6,7 @@ import argparse
 
 NAME = "deploy"
 HELP = "serve a pipeline spec as a scheduled Prefect deployment (needs a Prefect server: PREFECT_API_URL)"
+PASSES_EXTRA_ARGS = True  # Beam options for the ingest jobs of every scheduled run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:  # pragma: no cover 
     spec = load(args)
     from flows.deployments import pipeline_deployment, require_api_url
 
-    deployment = pipeline_deployment(spec, args.cron, args.name, args.workers)  # a bad --cron stops here
+    deployment = pipeline_deployment(spec, args.cron, args.name, args.workers, beam_args=extra)  # a bad --cron stops here
     url = require_api_url("thresher deploy")
     print(f"serving {describe(spec)}")
     print(f"deployment {deployment.name!r} on {url}, schedule: {args.cron or 'none (run on demand)'}; Ctrl-C stops")

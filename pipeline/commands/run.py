@@ -9,6 +9,8 @@ from pathlib import Path
 
 NAME = "run"
 HELP = "run a curation pipeline spec (YAML: datasets, steps, selection, exports) as a Prefect flow"
+# Beam options after the spec (--runner dask --dask_client_address ...) go to the ingest jobs.
+PASSES_EXTRA_ARGS = True
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         from flows.pipeline import pipeline_flow, summary_lines
 
         with server, _api_settings(server.api_url):
-            out = pipeline_flow(spec.to_dict(), workers=args.workers, force=args.force)
+            out = pipeline_flow(spec.to_dict(), workers=args.workers, force=args.force, beam_args=extra or None)
     finally:
         if server.api_url:  # the temporary server is gone: a later run in this process starts its own
             os.environ.pop("PREFECT_API_URL", None)
