@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -156,6 +158,23 @@ def _copy_out(out: str | Path, table: pa.Table, schema: pa.Schema, document: dic
     return str(out)
 
 
+def _copy_stored(folder: Path, out: Path) -> str:
+    """A committed selection's files to ``out`` (+ ``.report.json``), left alone when already equal,
+    so a skipped run does not touch a copy that later stages fingerprint."""
+    for src, dst in ((folder / PICKS, out), (folder / REPORT, out.with_suffix(".report.json"))):
+        data = src.read_bytes()
+        if dst.is_file() and dst.read_bytes() == data:
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return str(out)
+
+
 def select_into_catalog(selector: str, catalog: str | Path | Catalog, name: str, params: dict[str, Any],
                         *, dataset: str | None = None, input_file: str | Path | None = None,
                         out: str | Path | None = None, force: bool = False) -> SelectionResult:
@@ -189,7 +208,7 @@ def select_into_catalog(selector: str, catalog: str | Path | Catalog, name: str,
             result = SelectionResult(selector, name, str(target), rows, report, params, source,
                                      run.state["run_id"] if run.state else None, True, notes=notes)
             if out is not None:
-                result.out = _copy_out(out, pq.read_table(target / PICKS), impl.schema, doc)
+                result.out = _copy_stored(target, Path(out))
             return result
         table, report = impl.run(pool, params)
         doc = _document(selector, name, source, params, report, table.num_rows, run.run_id)
