@@ -23,7 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.curate import annotations
-from pipeline.curate.materialise import check_export_target, export_run, staged_export_dir
+from pipeline.curate.materialise import (
+    check_export_target,
+    export_run,
+    staged_export_dir,
+)
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 from pipeline.select.protocol import fingerprint
 

@@ -34,7 +34,12 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io.catalog import Catalog, check_name, write_json_atomic, write_parquet_atomic
+from pipeline.io.catalog import (
+    Catalog,
+    check_name,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from pipeline.io.runs import StageRun
 
 STAGE = "select"
