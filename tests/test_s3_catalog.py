@@ -266,6 +266,10 @@ def test_quality_annotation_reads_its_input_from_object_storage(bucket_url, tmp_
                                     " JOIN samples s USING (sample_id)").to_pylist()
     assert q == [{"n": 40, "ids": 40}]
     assert run_quality_annotation(bucket_url, "d", use_embeddings=False).skipped
+    import shutil
+
+    shutil.rmtree(Catalog.at(bucket_url).root / "_inputs")  # the working folder may be wiped
+    assert run_quality_annotation(bucket_url, "d", use_embeddings=False).skipped
 
 
 def test_llm_tag_stage_on_object_storage(bucket_url, tmp_path):
