@@ -36,7 +36,7 @@ from pipeline.io.catalog import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from pipeline.io.runs import StageRun
+from pipeline.io.runs import StageRun, check_remote_stage
 from pipeline.registry import EXPORTERS
 from pipeline.select import protocol
 
@@ -66,6 +66,7 @@ def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Pat
     if (picks is None) == (selection is None):
         raise ValueError("give exactly one of a selection name or a picks file")
     cat = Catalog.at(catalog)
+    check_remote_stage(cat, "curate")
     samples = cat.samples_partition("instruction", dataset)
     if not samples.is_dir():
         raise FileNotFoundError(f"no instruction samples for dataset {dataset!r} in {cat.root}")
@@ -279,6 +280,7 @@ def export(catalog: str | Path, name: str, fmt: str, out_dir: str | Path, rows_p
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {EXPORT_FORMATS}")
     cat = Catalog.at(catalog)
+    check_remote_stage(cat, "export")
     src = cat.curated_dir(name)
     if not src.is_dir():
         raise FileNotFoundError(f"no curated set {name!r} in {cat.root}; run the curate flow or `thresher curate` first")

@@ -29,6 +29,7 @@ from pipeline.curate.materialise import (
     staged_export_dir,
 )
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
+from pipeline.io.runs import check_remote_stage
 from pipeline.select.protocol import fingerprint
 
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
@@ -50,6 +51,7 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
     ``out_dir`` must be new or empty unless ``overwrite``; then a previous export there is replaced whole.
     """
     cat = Catalog.at(catalog)
+    check_remote_stage(cat, "export")
     samples = cat.samples_partition("image_text", dataset)
     if not samples.is_dir():
         raise FileNotFoundError(f"no image-text samples for dataset {dataset!r} in {cat.root}")

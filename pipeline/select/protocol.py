@@ -40,7 +40,7 @@ from pipeline.io.catalog import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from pipeline.io.runs import StageRun
+from pipeline.io.runs import StageRun, check_remote_stage
 
 STAGE = "select"
 PICKS = "picks.parquet"
@@ -194,6 +194,7 @@ def select_into_catalog(selector: str, catalog: str | Path | Catalog, name: str,
     entry, impl = _selector(selector)
     params = entry.validate(params)
     cat = catalog if isinstance(catalog, Catalog) else Catalog.at(catalog)
+    check_remote_stage(cat, STAGE)  # before reading the pool: an object-storage catalog stops here, clearly
     target = cat.selection_dir(name)  # checks the name
     if dataset is not None:
         check_name(dataset)
