@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
@@ -597,3 +598,53 @@ def test_real_instructions_with_minilm_label_graph() -> None:
     # Diversity: a MIG selection draws from every source.
     assert {sources[i] for i in ours.picks} == set(sources)
     assert tag_coverage(ids, ours.picks).covered > tag_coverage(ids, range(budget)).covered
+
+
+# ---------------------------------------------------------------------------------------------
+# The label graph loads no model when the catalog stores the label vectors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_label_graph_from_stored_vectors_loads_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    from pipeline.embed import sentence, tiers
+    from pipeline.select import protocol
+    from pipeline.stages.ingest import run_ingest
+
+    tags = ["math", "arithmetic", "python programming", "code generation", "poetry", "translation"]
+    rng = random.Random(0)
+    src = tmp_path / "pool.jsonl"
+    with open(src, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({
+                "dialogs": [{"role": "user", "content": f"question {i}"},
+                            {"role": "assistant", "content": f"answer {i}"}],
+                "annotation": {"instag": {"content": [{"tag": t, "explanation": "."}
+                                                      for t in rng.sample(tags, rng.randint(1, 3))]},
+                               "deita": {"quality_scores": [rng.uniform(1, 6)],
+                                         "complexity_scores": [rng.uniform(1, 6)]}},
+            }) + "\n")
+    root = tmp_path / "cat"
+    run_ingest([str(src)], root, "pool")
+    monkeypatch.setenv("THRESHER_CACHE", str(tmp_path / "user-cache"))
+    params = {"budget": 10}
+    # first runs embed the labels and store the vectors: in the catalog, and (file input) in the user cache
+    first = protocol.select_into_catalog("mig", root, "a", params, dataset="pool")
+    protocol.select_to_file("mig", src, tmp_path / "first.parquet", params)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("stored label vectors: no model may be loaded")
+
+    monkeypatch.setattr(tiers, "load_token_encoder", no_model)
+    monkeypatch.setattr(sentence, "shared_sentence_model", no_model)
+    monkeypatch.setattr(sentence, "load_sentence_embedder", no_model)
+    again = protocol.select_into_catalog("mig", root, "a", params, dataset="pool", force=True)
+    picks = pq.read_table(root / "selections" / "a" / "picks.parquet").column("sample_id").to_pylist()
+    assert not again.skipped and again.rows == first.rows == 10
+    # the same pool from the xsample file: the stored vectors again, no model, the same picks
+    protocol.select_into_catalog("mig", root, "b", params, input_file=src)
+    from_file = pq.read_table(root / "selections" / "b" / "picks.parquet").column("sample_id").to_pylist()
+    assert from_file == picks
+    protocol.select_to_file("mig", src, tmp_path / "again.parquet", params)
+    assert pq.read_table(tmp_path / "again.parquet").column("sample_id").to_pylist() == picks

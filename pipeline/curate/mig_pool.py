@@ -191,18 +191,12 @@ def build_graph(vocabulary: tuple[str, ...], config: mig.MIGConfig, edges: str |
                 embed: Callable[[list[str]], np.ndarray] | None = None,
                 catalog: Path | None = None) -> lg.LabelGraph:
     """The label graph: from an edge list, else from label vectors (``embed``; by default the
-    bundled MiniLM, through ``catalog``'s text-vector cache when there is one, so a re-run loads
-    no model)."""
+    bundled MiniLM through a stored text-vector cache: ``catalog``'s, else the user cache, so a
+    re-run loads no model)."""
     if edges is not None:
         return lg.label_graph_from_edge_parquet(vocabulary, edges)
-    if embed is None and catalog is not None:
-        from pipeline.embed.text_cache import text_vectors
-
-        embed = lambda texts: text_vectors(catalog, texts)  # noqa: E731
     if embed is None:
-        from pipeline.embed.sentence import default_text_embedder
-
-        embed = default_text_embedder()
+        embed = lg.stored_label_embedder(catalog)
     return lg.label_graph_from_texts(vocabulary, embed, config.sim_threshold)
 
 

@@ -185,6 +185,24 @@ def label_graph_from_texts(
     return label_graph_from_embeddings(labels, vectors, threshold, chunk_size)
 
 
+def stored_label_embedder(store: str | Path | None = None) -> EmbedFn:
+    """The default label embedder (the bundled MiniLM) through a stored text-vector cache.
+
+    Label names recur on every run, so their vectors are kept (``pipeline.embed.text_cache``) in
+    ``store``, a catalog root, or without one in ``$THRESHER_CACHE`` (``~/.cache/thresher``), and
+    the model is loaded only for names the store does not hold yet: a re-run over the same labels
+    loads no model at all.
+    """
+
+    def embed(texts: list[str]) -> np.ndarray:
+        from pipeline.embed.text_cache import text_vectors
+        from pipeline.embed.tiers import cache_root
+
+        return text_vectors(cache_root() if store is None else store, texts)
+
+    return embed
+
+
 def degree_sweep(
     embeddings: np.ndarray, thresholds: Iterable[float], chunk_size: int = 2048
 ) -> list[DegreeStats]:
