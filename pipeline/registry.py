@@ -310,7 +310,11 @@ SELECTORS = Registry("selector", (
               Param("concepts", str, "auto", "concept annotator (default: input, caption, clip)"),
               Param("mode", str, "dm", choices=("dm", "fm")),
               Param("dm_mode", str, "paper", choices=("paper", "reference")),
+              Param("cap", int, 10, "reference DM mode: per-concept cap (samples holding a capped concept drop out)"),
               Param("filter_ratio", float, 0.8),
+              Param("power_of_two", bool, False, "batch = the largest power of two <= (1 - f) x super-batch, "
+                                                 "as the reference sizes it"),
+              Param("iid_draws", int, 5, "IID batches per step the report compares against (mean and spread)"),
               Param("superbatch", int, 20_480, "super-batch size (clipped to the pool when fit_superbatch)"),
               Param("fit_superbatch", bool, False, "use the pool size when the super-batch is larger"),
               Param("steps", int, 1), Param("seed", int, 0),

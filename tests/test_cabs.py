@@ -444,3 +444,68 @@ def test_nlvr_concepts_dm_vs_iid(shared_data) -> None:
     cmp = compare_to_iid(table, cabs_dm(table, b).indices, n_draws=10, seed=0)
     assert cmp.selected.normalised_entropy > cmp.iid_mean["normalised_entropy"]
     assert math.isfinite(cmp.selected.gini)
+
+
+# --- batch size, cap and IID draws through the schedule, the planner and the CLI -----------------
+
+
+def test_power_of_two_batch_size() -> None:
+    assert batch_size_for(20_480, 0.8, power_of_two=True) == 4096 == batch_size_for(20_480, 0.8)
+    assert batch_size_for(5_120, 0.8, power_of_two=True) == 1024
+    assert batch_size_for(10_000, 0.8) == 2000 and batch_size_for(10_000, 0.8, power_of_two=True) == 1024
+    assert batch_size_for(3, 0.8, power_of_two=True) == 1
+    assert all(batch_size_for(B, 0.7, power_of_two=True) & (batch_size_for(B, 0.7, power_of_two=True) - 1) == 0
+               for B in range(1, 3000, 37))
+
+
+def test_schedule_power_of_two_and_cap() -> None:
+    from pipeline.select.cabs_schedule import CabsSchedule, plan_batches
+
+    rng = np.random.default_rng(4)
+    rows = random_rows(rng, 1000, 30, 2.0, zipf=True)
+    sched = CabsSchedule(rows, 300, 0.8, "dm", "reference", seed=1, drop_last=False, cap=3, power_of_two=True)
+    assert sched.batch_size == 32  # round(0.2 x 300) = 60 -> 32
+    assert len(sched.step(0).batch) == 32
+    assert len(sched.step(3).batch) == 16  # the last, short super-batch of 100: 20 -> 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        capped = list(plan_batches(rows, "dm", 0.8, 300, 1, 1, dm_mode="reference", cap=2))
+        loose = list(plan_batches(rows, "dm", 0.8, 300, 1, 1, dm_mode="reference", cap=50))
+    assert len(capped) == len(loose) == 60 and capped != loose
+    with pytest.raises(ValueError, match="cap must be an integer >= 1"):
+        CabsSchedule(rows, 300, cap=0)
+
+
+def test_cli_cap_power_of_two_and_iid_draws(tmp_path, capsys) -> None:
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+
+    rng = np.random.default_rng(0)
+    vocab = [f"c{i}" for i in range(12)]
+    weights = 1.0 / np.arange(1, 13)
+    concepts = [list(rng.choice(vocab, size=rng.poisson(3), p=weights / weights.sum())) for _ in range(400)]
+    src = tmp_path / "concepts.parquet"
+    pq.write_table(pa.table({"sample_id": [f"s{i}" for i in range(400)], "concepts": concepts}), src)
+    out = tmp_path / "plan.parquet"
+    args = ["select", "cabs", "--input", str(src), "--dm-mode", "reference", "--superbatch", "200",
+            "--steps", "2", "--out", str(out)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert main([*args, "--cap", "2", "--power-of-two", "--iid-draws", "7"]) == 0
+        report = json.loads(out.with_suffix(".report.json").read_text())["report"]
+        assert report["batch"] == 32 and report["iid_draws"] == 7  # 40 -> 32
+        assert report["iid_std"]["distinct_concepts"] > 0.0
+        text = capsys.readouterr().out
+        assert "IID std" in text and "7 draws per step" in text
+        capped = pq.read_table(out).column("sample_id").to_pylist()
+        assert main([*args, "--cap", "40"]) == 0
+        report = json.loads(out.with_suffix(".report.json").read_text())["report"]
+        assert report["batch"] == 40 and report["iid_draws"] == 5
+        assert pq.read_table(out).column("sample_id").to_pylist()[:32] != capped
+    assert main([*args, "--cap", "0"]) == 2
+    assert main([*args, "--iid-draws", "0"]) == 2
+    assert "iid_draws" in capsys.readouterr().err

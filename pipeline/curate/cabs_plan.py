@@ -19,6 +19,7 @@ import schemas
 from pipeline.curate import annotations
 from pipeline.io.catalog import Catalog
 from pipeline.select import batch_metrics
+from pipeline.select.cabs import REFERENCE_CAP
 from pipeline.select.cabs_schedule import as_concept_table, iter_plan
 
 
@@ -77,15 +78,19 @@ class PlanReport:
     padded_picks: int
     cabs: dict[str, float]
     iid: dict[str, float]
+    iid_std: dict[str, float] = field(default_factory=dict)  # spread of the IID draws (mean per-step std)
+    iid_draws: int = 0  # IID batches drawn per step
 
     def lines(self) -> list[str]:
         out = [f"{self.steps} steps, super-batch {self.superbatch} -> batch {self.batch}, CABS-{self.mode.upper()}"
                f"{' (' + self.dm_mode + ')' if self.mode == 'dm' else ''}, concepts from {self.concept_source}",
                f"picks with zero gain: {self.zero_gain_picks}, padded: {self.padded_picks}",
-               f"{'per-batch mean':<22}{'CABS':>12}{'IID':>12}{'ratio':>8}"]
+               f"{'per-batch mean':<22}{'CABS':>12}{'IID':>12}{'IID std':>10}{'ratio':>8}"
+               f"   (IID: {self.iid_draws} draws per step)"]
         for k in batch_metrics.TABLE_METRICS:
             ratio = self.cabs[k] / self.iid[k] if self.iid[k] else float("nan")
-            out.append(f"{k:<22}{self.cabs[k]:>12.4f}{self.iid[k]:>12.4f}{ratio:>8.2f}")
+            out.append(f"{k:<22}{self.cabs[k]:>12.4f}{self.iid[k]:>12.4f}{self.iid_std.get(k, float('nan')):>10.4f}"
+                       f"{ratio:>8.2f}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,19 +98,23 @@ class PlanReport:
 
 
 def plan(pool: ConceptPool, mode: str = "dm", filter_ratio: float = 0.8, superbatch: int = 20_480,
-         steps: int = 1, seed: int = 0, dm_mode: str = "paper") -> tuple[pa.Table, PlanReport]:
+         steps: int = 1, seed: int = 0, dm_mode: str = "paper", cap: int = REFERENCE_CAP,
+         power_of_two: bool = False, iid_draws: int = 5) -> tuple[pa.Table, PlanReport]:
     n = len(pool.sample_ids)
     if n == 0:
         raise ValueError(f"{pool.source}: no samples to plan from")
     if superbatch > n:
         raise ValueError(f"super-batch {superbatch} is larger than the dataset ({n} samples); "
                          f"use --superbatch {n} or less")
+    if iid_draws < 1:
+        raise ValueError(f"iid_draws must be >= 1 (IID batches per step to compare with), got {iid_draws}")
     table = as_concept_table(pool.concepts)
     steps_col, pos_col, ids_col, gain_col = [], [], [], []
-    cabs_reports, iid_reports = [], []
+    cabs_reports, iid_reports, iid_stds = [], [], []
     zero = padded = 0
     batch_size = 0
-    for planned in iter_plan(table, mode, filter_ratio, superbatch, steps, seed, dm_mode=dm_mode):
+    for planned in iter_plan(table, mode, filter_ratio, superbatch, steps, seed, dm_mode=dm_mode, cap=cap,
+                             power_of_two=power_of_two):
         batch_size = len(planned.batch)
         zero += planned.result.zero_gain_count
         padded += planned.result.padded_count
@@ -115,15 +124,17 @@ def plan(pool: ConceptPool, mode: str = "dm", filter_ratio: float = 0.8, superba
             ids_col.append(pool.sample_ids[i])
             gain_col.append(g)
         sb = table.take(planned.superbatch)
-        cmp = batch_metrics.compare_to_iid(sb, planned.result.indices, n_draws=3, seed=seed + planned.step)
+        cmp = batch_metrics.compare_to_iid(sb, planned.result.indices, n_draws=iid_draws, seed=seed + planned.step)
         cabs_reports.append(cmp.selected.as_dict())
         iid_reports.append(cmp.iid_mean)
+        iid_stds.append(cmp.iid_std)
     plan_table = pa.table({"step": steps_col, "position": pos_col, "sample_id": ids_col, "gain": gain_col},
                           schema=schemas.CABS_PLAN)
     keys = batch_metrics.TABLE_METRICS
     report = PlanReport(steps, superbatch, batch_size, mode, dm_mode, pool.source, int(zero), int(padded),
                         {k: float(np.mean([r[k] for r in cabs_reports])) for k in keys},
-                        {k: float(np.mean([r[k] for r in iid_reports])) for k in keys})
+                        {k: float(np.mean([r[k] for r in iid_reports])) for k in keys},
+                        {k: float(np.mean([r[k] for r in iid_stds])) for k in keys}, iid_draws)
     return plan_table, report
 
 
@@ -150,4 +161,4 @@ class CABSSelector:
         if params["fit_superbatch"]:
             superbatch = min(superbatch, len(pool.sample_ids))
         return plan(pool, params["mode"], params["filter_ratio"], superbatch, params["steps"], params["seed"],
-                    params["dm_mode"])
+                    params["dm_mode"], params["cap"], params["power_of_two"], params["iid_draws"])

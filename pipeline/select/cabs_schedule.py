@@ -2,7 +2,8 @@
 
 Every training step draws an IID super-batch of B samples (without replacement within an epoch:
 the epoch's permutation, seeded by (seed, epoch), is cut into consecutive super-batches) and keeps
-b = round((1 - f) * B) of them with CABS-DM or CABS-FM (:mod:`pipeline.select.cabs`). So every
+b = round((1 - f) * B) of them (or, with ``power_of_two``, the largest power of two not above that,
+as the reference sizes its batches) with CABS-DM or CABS-FM (:mod:`pipeline.select.cabs`). So every
 sample is drawn at most once per epoch, a step's batch depends only on (seed, epoch, step), and
 an epoch has N // B steps (or ceil(N / B) with ``drop_last=False``, the last super-batch then
 being smaller and keeping round((1 - f) * its size)). Planning a batch order (``iter_plan``,
@@ -68,6 +69,8 @@ class CabsSchedule:
         drop_last: bool = True,
         cap: int = REFERENCE_CAP,
         vocabulary: Sequence[str] | None = None,
+        *,
+        power_of_two: bool = False,
     ) -> None:
         self.table = as_concept_table(concepts, vocabulary)
         n = self.table.n_rows
@@ -77,6 +80,8 @@ class CabsSchedule:
             raise ValueError(f"dm_mode must be 'paper' or 'reference', got {dm_mode!r}")
         if int(seed) < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        if isinstance(cap, bool) or int(cap) != cap or int(cap) < 1:
+            raise ValueError(f"cap must be an integer >= 1, got {cap!r}")
         superbatch_size = int(superbatch_size)
         if superbatch_size < 1:
             raise ValueError(f"super-batch size must be >= 1, got {superbatch_size}")
@@ -87,7 +92,8 @@ class CabsSchedule:
             )
         self.superbatch_size = superbatch_size
         self.filter_ratio = float(filter_ratio)
-        self.batch_size = batch_size_for(superbatch_size, self.filter_ratio)
+        self.power_of_two = bool(power_of_two)
+        self.batch_size = batch_size_for(superbatch_size, self.filter_ratio, self.power_of_two)
         self.method = method
         self.dm_mode = dm_mode
         self.seed = int(seed)
@@ -121,7 +127,8 @@ class CabsSchedule:
         if not 0 <= k < self.steps_per_epoch:
             raise ValueError(f"step {k} is outside the epoch's {self.steps_per_epoch} steps")
         rows = self.permutation(epoch)[k * self.superbatch_size:(k + 1) * self.superbatch_size]
-        b = self.batch_size if rows.size == self.superbatch_size else batch_size_for(rows.size, self.filter_ratio)
+        b = (self.batch_size if rows.size == self.superbatch_size
+             else batch_size_for(rows.size, self.filter_ratio, self.power_of_two))
         result = select_batch(self.table.take(rows), b, self.method, self.dm_mode, cap=self.cap,
                               seed=np.random.default_rng([self.seed, int(epoch), int(k)]))
         step = epoch * self.steps_per_epoch + k if global_step is None else global_step
@@ -141,11 +148,13 @@ def iter_plan(
     drop_last: bool = True,
     start_step: int = 0,
     vocabulary: Sequence[str] | None = None,
+    power_of_two: bool = False,
 ) -> Iterator[PlannedStep]:
     """The planned steps ``start_step .. start_step + steps - 1`` (epochs roll over as in training)."""
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    sched = CabsSchedule(concepts, superbatch, filter_ratio, mode, dm_mode, seed, drop_last, cap, vocabulary)
+    sched = CabsSchedule(concepts, superbatch, filter_ratio, mode, dm_mode, seed, drop_last, cap, vocabulary,
+                         power_of_two=power_of_two)
     for step in range(start_step, start_step + steps):
         yield sched.step(step)
 
@@ -163,6 +172,7 @@ def plan_batches(
     drop_last: bool = True,
     start_step: int = 0,
     vocabulary: Sequence[str] | None = None,
+    power_of_two: bool = False,
 ) -> Iterator[tuple[int, int, int, float]]:
     """Rows ``(step, position, sample_index, gain)`` of a CABS batch plan, in pick order.
 
@@ -172,6 +182,7 @@ def plan_batches(
     the same plan, and it equals what :class:`CabsBatchSampler` yields for those steps.
     """
     for planned in iter_plan(concepts, mode, filter_ratio, superbatch, steps, seed, dm_mode=dm_mode, cap=cap,
-                             drop_last=drop_last, start_step=start_step, vocabulary=vocabulary):
+                             drop_last=drop_last, start_step=start_step, vocabulary=vocabulary,
+                             power_of_two=power_of_two):
         for pos, (i, g) in enumerate(zip(planned.batch.tolist(), planned.result.gains.tolist())):
             yield planned.step, pos, i, g
