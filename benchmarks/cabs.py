@@ -9,7 +9,10 @@ of B samples from the pool (``ConceptTable.take``, timed separately) and selects
 
 The process pins itself to one core (sched_setaffinity) and limits BLAS/OpenMP to one thread.
 Latencies are medians over steps; "cpu" is process CPU time (robust to other load on a shared
-machine), "wall" is elapsed time. The baseline is the naive DM algorithm (re-score every
+machine), "wall" is elapsed time. DM runs compiled (numba); its first call in the process compiles
+it or loads numba's on-disk cache and is timed apart. Every step also runs the previous pure-Python
+greedy (``cabs_dm_python``) on the same super-batch, checks that picks and gains are identical, and
+the table prints previous / compiled as a ratio measured in the same run. The slow baseline is the naive DM algorithm (re-score every
 remaining sample at every pick), vectorised with numpy so that it is not a Python-loop strawman
 (tests/oracles/cabs_naive.py::rescan_dm_paper_numpy); the run also checks that its picks equal the
 fast implementation's. Memory: tracemalloc peak of one DM-paper step, and the process's peak RSS.
@@ -51,7 +54,9 @@ from pipeline.select.batch_metrics import (  # noqa: E402
     format_reports,
     long_tail_mask,
 )
-from pipeline.select.cabs import ConceptTable, batch_size_for, cabs_dm, cabs_fm  # noqa: E402
+from pipeline.select.cabs import ConceptTable, batch_size_for, cabs_dm, cabs_dm_python, cabs_fm  # noqa: E402
+
+TARGET_MS = 20.0  # issue 12 item 3: DM paper <= 20 ms per step at B = 20,480 -> b = 4,096 on one core
 
 NLVR = REPO.parent / "shared" / "data" / "image_text" / "nlvr_dev" / "dev.json"
 VOCAB = 12_000
@@ -82,9 +87,13 @@ def bench_size(pool: ConceptTable, big_b: int, steps: int, naive_steps: int, rng
         "DM paper": lambda t: cabs_dm(t, b),
         "DM reference": lambda t: cabs_dm(t, b, "reference", seed=0),
         "FM": lambda t: cabs_fm(t, b),
+        "DM paper prev": lambda t: cabs_dm_python(t, b),
+        "DM ref prev": lambda t: cabs_dm_python(t, b, "reference", seed=0),
     }
+    results: dict[str, object] = {}
     cpu: dict[str, list[float]] = {k: [] for k in ("take", *methods)}
     wall: dict[str, list[float]] = {k: [] for k in cpu}
+    identical: list[bool] = []
     meta: dict[str, list[float]] = {"distinct": [], "target": [], "ref_fill": [], "ref_pad": []}
     warmup = pool.take(rng.choice(pool.n_rows, big_b, replace=False))
     for fn in methods.values():
@@ -100,12 +109,17 @@ def bench_size(pool: ConceptTable, big_b: int, steps: int, naive_steps: int, rng
                 res, c, w = timed(lambda: fn(sb))  # noqa: B023
                 cpu[name].append(c)
                 wall[name].append(w)
+                results[name] = res
                 if name == "DM paper":
                     meta["distinct"].append(res.n_distinct_concepts)
                     meta["target"].append(res.target)
                 if name == "DM reference":
                     meta["ref_fill"].append(res.random_fill_count)
                     meta["ref_pad"].append(res.padded_count)
+            for new, prev in (("DM paper", "DM paper prev"), ("DM reference", "DM ref prev")):
+                a, p = results[new], results[prev]
+                identical.append(bool(np.array_equal(a.indices, p.indices)
+                                      and np.array_equal(a.gains, p.gains, equal_nan=True)))
     naive_cpu, naive_wall, same = [], [], []
     for _ in range(naive_steps):
         rows = rng.choice(pool.n_rows, big_b, replace=False)
@@ -122,7 +136,7 @@ def bench_size(pool: ConceptTable, big_b: int, steps: int, naive_steps: int, rng
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return {"B": big_b, "b": b, "cpu": cpu, "wall": wall, "naive_cpu": naive_cpu, "naive_wall": naive_wall,
-            "naive_same": same, "peak_bytes": peak, "meta": meta}
+            "naive_same": same, "peak_bytes": peak, "meta": meta, "identical": identical}
 
 
 def print_latency(r: dict) -> None:
@@ -141,7 +155,19 @@ def print_latency(r: dict) -> None:
         print(f"{'naive re-scan DM':<16}{ms(statistics.median(r['naive_cpu']))}  {ms(min(r['naive_cpu']))}  "
               f"{ms(statistics.median(r['naive_wall']))} {len(r['naive_cpu']):6d}       1.0x   "
               f"(identical picks to DM paper: {all(r['naive_same'])})")
+    med = {name: statistics.median(c) for name, c in r["cpu"].items()}
+    for new, prev in (("DM paper", "DM paper prev"), ("DM reference", "DM ref prev")):
+        ratios = [p / n for n, p in zip(r["cpu"][new], r["cpu"][prev])]
+        print(f"{new}: compiled / previous = {med[new] / med[prev]:.3f} (medians, CPU); per-step speed-up "
+              f"median {statistics.median(ratios):.1f}x, range {min(ratios):.1f}-{max(ratios):.1f}x")
+    print(f"picks and gains identical to the previous implementation on all {len(r['identical'])} "
+          f"(step, mode) pairs: {all(r['identical'])}")
+    if r["B"] == 20_480:
+        print(f"target: DM paper <= {TARGET_MS:.0f} ms per step at B = 20,480 on one core -> "
+              f"{med['DM paper'] * 1e3:.2f} ms CPU median ({'met' if med['DM paper'] * 1e3 <= TARGET_MS else 'NOT met'})")
     print(f"tracemalloc peak of one DM-paper step: {r['peak_bytes'] / 2**20:.1f} MiB")
+    if not all(r["identical"]):
+        raise SystemExit("MISMATCH: the compiled DM differs from the previous implementation")
 
 
 def metrics_table(title: str, sb: ConceptTable, b: int, tail: np.ndarray, seed: int, draws: int) -> None:
@@ -154,14 +180,15 @@ def metrics_table(title: str, sb: ConceptTable, b: int, tail: np.ndarray, seed: 
         }
     reports: dict = {}
     ratios = []
-    iid_mean = None
+    iid_mean = iid_std = None
     for name, sel in picks.items():
         cmp = compare_to_iid(sb, sel, tail=tail, n_draws=draws, seed=seed)
         reports[name] = cmp.selected
-        iid_mean = cmp.iid_mean
+        iid_mean, iid_std = cmp.iid_mean, cmp.iid_std
         ratios.append(f"{name}: distinct x{cmp.ratio('distinct_concepts'):.2f}, entropy x{cmp.ratio('entropy_bits'):.2f}, "
                       f"tail share x{cmp.ratio('tail_instance_share'):.2f}, instances/sample x{cmp.ratio('mean_instances'):.2f}")
     reports[f"IID (mean of {draws})"] = iid_mean
+    reports["IID std"] = iid_std  # spread of the draws: how far a single IID batch strays
     print(f"\n## {title}: batch of {b} from a super-batch of {sb.n_rows}")
     print(format_reports(reports))
     for line in ratios:
@@ -204,6 +231,14 @@ def main() -> None:
     steps = 3 if args.quick else args.steps
     print(f"CABS benchmark: pinned to core {core} of {len(allowed)}; load average {os.getloadavg()[0]:.2f}; "
           f"numpy {np.__version__}; python {sys.version.split()[0]}")
+    from pipeline.select.cabs import _dm_kernel
+
+    tiny = ConceptTable.from_id_lists([[0, 1], [1], [2]], n_concepts=3)
+    t0 = time.perf_counter()
+    cabs_dm(tiny, 2)
+    first = time.perf_counter() - t0
+    print(f"compiled DM, first call in this process (compile, or load numba's cache: "
+          f"{sum(_dm_kernel.stats.cache_hits.values())} cache hit(s)): {first:.2f} s, not in the step times")
     rng = np.random.default_rng(args.seed)
     results = []
     for big_b in (20_480, 5_120):
