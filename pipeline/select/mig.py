@@ -9,7 +9,9 @@ Definitions (see docs/algorithms/mig.md):
             lowest pool index, until the budget is reached.
 
 Exactness. ``mig_select`` is a lazy greedy (max-heap of stale upper bounds, re-scored when
-popped). It returns the same picks in the same order as a full re-scan, bit for bit, because:
+popped), compiled with numba (:func:`greedy_select`; :func:`reference_greedy_select` is the
+previous heapq/numpy version, kept to test and benchmark it against). It returns the same picks
+in the same order as a full re-scan, bit for bit, because:
   * phi' is decreasing and ê >= 0, so a sample's gain never rises: a stale bound is an upper
     bound, and a popped entry whose bound is fresh beats every other entry (gain first, then the
     lower index, which is also how the heap orders equal gains);
@@ -17,8 +19,10 @@ popped). It returns the same picks in the same order as a full re-scan, bit for 
     dense transcription reproduces: column sums of P accumulate over rows in ascending order;
     ê_i[q] accumulates e_i[p] * Pn[p, q] over the labels p of row i in ascending order (scipy's
     CSR product does this); the gain accumulates ê_i[q] * phi'(X_q) left to right over ascending
-    q (zeros contribute exact zeros, so skipping them changes nothing); phi' is evaluated per
-    element with the C library's pow/exp on Python floats, never with vectorised SIMD kernels
+    q (zeros contribute exact zeros, so skipping them changes nothing; the compiled loop adds
+    in that order too, and numba, without fastmath, neither reorders nor fuses the float
+    operations); phi' is evaluated per element with the C library's pow/exp (Python floats in
+    the reference, the same libm calls in the compiled loop), never with vectorised SIMD kernels
     whose last bit can depend on an element's position in the array.
 Ties are therefore resolved on exactly equal floats, by index, in both implementations.
 
