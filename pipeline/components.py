@@ -49,13 +49,15 @@ class PairComponents:
     """Components over links added in pieces (:meth:`add`), read once at the end (:meth:`roots`).
 
     Pending links are folded into the components whenever more than ``max_pending`` of them wait
-    (by default max(n, 4M)), so memory stays O(n + max_pending) however many links arrive, and
-    the total work stays proportional to the number of links.
+    (by default 4n, within 64K..16M), so memory stays O(n + max_pending) however many links
+    arrive; a fold costs O(n + max_pending), so the total work stays proportional to the links.
+    Links already inside a found component are dropped on arrival.
     """
 
     def __init__(self, n: int, max_pending: int | None = None) -> None:
         self.n = int(n)
-        self.max_pending = max(self.n, 1 << 22) if max_pending is None else max(1, int(max_pending))
+        self.max_pending = (min(max(4 * self.n, 1 << 16), 1 << 24) if max_pending is None
+                            else max(1, int(max_pending)))
         self._roots = np.arange(self.n, dtype=np.int64)
         self._a: list[np.ndarray] = []
         self._b: list[np.ndarray] = []
@@ -66,11 +68,15 @@ class PairComponents:
         b = np.asarray(b, dtype=np.int64).ravel()
         if a.shape != b.shape:
             raise ValueError(f"link ends differ in length: {a.shape[0]} and {b.shape[0]}")
-        if not len(a):
+        # Links inside a component already found add nothing: drop them here (two gathers), so
+        # dense groups, whose pairs are mostly such repeats, fold rarely.
+        ra, rb = self._roots[a], self._roots[b]
+        fresh = ra != rb
+        if not fresh.any():
             return
-        self._a.append(a)
-        self._b.append(b)
-        self._pending += len(a)
+        self._a.append(ra[fresh])
+        self._b.append(rb[fresh])
+        self._pending += int(fresh.sum())
         if self._pending > self.max_pending:
             self._fold()
 
