@@ -50,8 +50,9 @@ class PairComponents:
 
     Pending links are folded into the components whenever more than ``max_pending`` of them wait
     (by default 4n, within 64K..16M), so memory stays O(n + max_pending) however many links
-    arrive; a fold costs O(n + max_pending), so the total work stays proportional to the links.
-    Links already inside a found component are dropped on arrival.
+    arrive. A fold costs O(n + pending), so up to n = 4M items the total work is proportional to
+    the links; past that, folds come every 16M new links. Links already inside a found component
+    are dropped on arrival, so dense groups fold rarely.
     """
 
     def __init__(self, n: int, max_pending: int | None = None) -> None:
