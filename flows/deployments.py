@@ -41,7 +41,8 @@ def ingest_deployment(specs: list[IngestSpec], catalog: str, cron: str | None = 
     """A RunnerDeployment of the ingest flow with its parameters and (optional) cron schedule."""
     params = {"specs": [s.__dict__ for s in specs], "catalog": str(Path(catalog).resolve()), "workers": workers}
     return _to_deployment(ingest_flow, cron, name=name, parameters=params,
-                          description="Ingest the configured datasets into the catalog; unchanged datasets are skipped.")
+                          description="Ingest the configured datasets into the catalog; "
+                                      "unchanged datasets are skipped.")
 
 
 def serve_ingest(specs_path: str, catalog: str, cron: str | None, workers: int = 1) -> None:  # pragma: no cover

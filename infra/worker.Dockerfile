@@ -31,6 +31,7 @@ COPY pyproject.toml README.md ./
 COPY pipeline/__init__.py pipeline/__init__.py
 COPY flows/__init__.py flows/__init__.py
 COPY schemas/__init__.py schemas/__init__.py
+COPY sql sql
 RUN pip install ".[cpu]" && pip uninstall -y thresher
 # Then the code, the SQL views, the example specs and the demo data, installed for real (not
 # editable): the scheduled runs, the Dask workers and Beam's SDK workers import the same files.

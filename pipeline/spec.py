@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -192,8 +193,34 @@ def format_loc(loc: tuple[str | int, ...]) -> str:
     return out or "(top level)"
 
 
+def _model_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The spec model that holds the fields at ``path`` (list indexes skipped), if any."""
+    def models(t: Any) -> list[type[BaseModel]]:
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return [t]
+        return [m for a in typing.get_args(t) for m in models(a)]
+
+    model: type[BaseModel] | None = PipelineSpec
+    for part in path:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = next(iter(models(field.annotation)), None) if field else None
+    return model
+
+
 def problems(exc: ValidationError) -> list[str]:
-    return [f"{format_loc(e['loc'])}: {_message(e)}" for e in exc.errors()]
+    out = []
+    for e in exc.errors():
+        msg = _message(e)
+        model = _model_at(e["loc"][:-1]) if e["type"] == "extra_forbidden" else None
+        if model is not None:  # an unknown field: say which ones there are
+            msg = f"unknown field; {unknown_name(e['loc'][-1], list(model.model_fields), ' fields').split('; ', 1)[1]}"
+            close = difflib.get_close_matches(str(e["loc"][-1]), list(model.model_fields), n=1, cutoff=0.6)
+            if close:
+                msg = f"unknown field (did you mean {close[0]!r}?); allowed fields: {', '.join(model.model_fields)}"
+        out.append(f"{format_loc(e['loc'])}: {msg}")
+    return out
 
 
 # --- paths -----------------------------------------------------------------------------------------------
@@ -246,7 +273,7 @@ class DatasetSpec(Strict):
         return out
 
     @model_validator(mode="after")
-    def _format(self) -> "DatasetSpec":
+    def _format(self) -> DatasetSpec:
         fails = []
         if self.kind == "instruction":
             from pipeline.io.instruction_formats import LAYOUTS
@@ -604,5 +631,6 @@ def load_spec(path: str | Path) -> PipelineSpec:
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise SpecError(str(path), [f"(file): not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"]) from None
+        language = "JSON" if path.suffix == ".json" else "YAML"
+        raise SpecError(str(path), [f"(file): not valid {language}: {exc}"]) from None
     return validate_spec(raw, base_dir=path.resolve().parent, source=str(path))

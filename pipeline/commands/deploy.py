@@ -25,7 +25,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:  # pragma: no cover 
     spec = load(args)
     from flows.deployments import pipeline_deployment, require_api_url
 
-    deployment = pipeline_deployment(spec, args.cron, args.name, args.workers, beam_args=extra)  # a bad --cron stops here
+    # a bad --cron stops here, before the server is asked for
+    deployment = pipeline_deployment(spec, args.cron, args.name, args.workers, beam_args=extra)
     url = require_api_url("thresher deploy")
     print(f"serving {describe(spec)}")
     print(f"deployment {deployment.name!r} on {url}, schedule: {args.cron or 'none (run on demand)'}; Ctrl-C stops")

@@ -41,17 +41,26 @@ def describe(spec) -> str:
             f"exports: {', '.join(spec.exports.formats) or 'none'}; catalog: {spec.catalog}")
 
 
+@contextlib.contextmanager
 def _api_settings(api_url: str | None):
-    """Prefect settings pointing at this run's temporary server.
+    """Prefect settings pointing at this run's temporary server, drained before it stops.
 
     Prefect reads PREFECT_API_URL from the environment once per process; a second run in the
-    same process (tests, a notebook) has a new server on a new port, so say so explicitly.
+    same process (tests, a notebook) has a new server on a new port, so say so explicitly. On
+    the way out, the events still queued for the server are sent while it is up: otherwise
+    Prefect's event thread retries them against the stopped server at interpreter exit.
     """
     if not api_url:
-        return contextlib.nullcontext()
+        yield
+        return
+    from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    return temporary_settings({PREFECT_API_URL: api_url})
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        try:
+            yield
+        finally:
+            EventsWorker.drain_all(timeout=10, at_exit=False)
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
