@@ -244,9 +244,12 @@ def default_text_embedder(batch_size: int = 64, device: str | None = None) -> Ca
     all-MiniLM-L6-v2, offline, loaded once per process (:func:`shared_sentence_model`).
 
     The one entry point for code that needs "the" text embedder and was given none: the tag and
-    quality annotators, the tag and concept vocabularies, the MIG label graph. ``batch_size`` is
-    the encoder's batch. A specific model or tier goes through :func:`shared_sentence_model` /
-    :func:`pipeline.embed.tiers.load_token_encoder` instead.
+    quality annotators, the tag and concept vocabularies. ``batch_size`` is the encoder's batch.
+    Texts that recur on every run (MIG label names, tag descriptions) go through the stored cache
+    instead (:func:`pipeline.embed.text_cache.text_vectors`, e.g.
+    :func:`pipeline.select.label_graph.stored_label_embedder`), and a specific model or tier
+    through :func:`pipeline.embed.tiers.load_token_encoder`; both load the same bundled model
+    through :func:`shared_sentence_model`, so every path shares one loader and one copy.
     """
     model = shared_sentence_model(None, device)
     return lambda texts: embed_texts(model, texts, batch_size=batch_size)
