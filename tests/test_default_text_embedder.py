@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.embed.sentence import default_text_embedder, embed_texts, load_sentence_embedder, shared_sentence_model
+from pipeline.embed.sentence import (
+    default_text_embedder,
+    embed_texts,
+    load_sentence_embedder,
+    shared_sentence_model,
+)
 
 
 def test_default_text_embedder_is_the_bundled_minilm_loaded_once():
