@@ -13,6 +13,7 @@ scheduled run should fail on a bad edit with the same clear message as ``threshe
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -47,6 +48,7 @@ def _instruction_dataset(spec: PipelineSpec, dataset: str, workers: int, force: 
         params.update(embeddings=model, sample_kind="instruction")
     out["selection"] = instructions.select_task.with_options(name=f"select-{sel.algorithm}")(
         catalog, dataset, sel.algorithm, name, params)
+    out["selection_dir"] = str(Path(catalog) / "selections" / name)
     if sel.algorithm not in NOT_CURATABLE:
         out["curate"] = instructions.curate_task(catalog, dataset, name, name, spec.export_dir(dataset),
                                                  list(spec.exports.formats))
@@ -77,6 +79,7 @@ def _image_text_dataset(spec: PipelineSpec, dataset: str, workers: int, force: b
     if "index" in out and not pretrained:
         print(f"{dataset}: no pretrained CLIP weights, so the near-duplicate groups are recorded but not used")
     out["selection"] = image_text.cabs_task(catalog, dataset, name, {**sel.params, "near_dups": near})
+    out["selection_dir"] = str(Path(catalog) / "selections" / name)
     if "webdataset" in spec.exports.formats:
         out["export"] = image_text.export_task(catalog, dataset, name, spec.export_dir(dataset))
         out["export_dir"] = spec.export_dir(dataset)
@@ -109,7 +112,7 @@ def summary_lines(out: dict[str, Any]) -> list[str]:
         lines.append(f"  {r['dataset']:<20} rows in {c['rows_in']:>7}  samples {c['samples']:>7}  "
                      f"rejects {c['rejects']:>5}  duplicates {c['duplicates']:>5}{status}")
     for dataset, res in out["datasets"].items():
-        done = [k for k in res if k not in ("selection", "curate", "export", "export_dir")]
+        done = [k for k in res if k not in ("selection", "selection_dir", "curate", "export", "export_dir")]
         lines.append(f"{dataset}: steps {', '.join(done) or 'none'}")
         sel = res.get("selection")
         if sel is None:
@@ -126,6 +129,7 @@ def summary_lines(out: dict[str, Any]) -> list[str]:
             lines.append(f"  CABS-{sel['mode'].upper()} plan of {sel['steps']} steps, super-batch {sel['superbatch']} "
                          f"-> batch {sel['batch']}; distinct concepts per batch "
                          f"{sel['cabs']['distinct_concepts']:.1f} (IID {sel['iid']['distinct_concepts']:.1f})")
+        lines.append(f"  selection: {res['selection_dir']}")
         if "curate" in res:
             lines.append(f"  curated: {res['curate']['curated']['path']} ({res['curate']['curated']['rows']} rows)")
             if res["curate"]["exports"]:

@@ -193,6 +193,8 @@ def test_deployment_carries_the_spec_and_the_schedule(monkeypatch):
     assert dep.parameters == {"spec": spec.to_dict(), "workers": 2}
     assert set(dep.tags) == {"thresher", "image_text"}
     assert pipeline_deployment(spec, name="nightly").name == "nightly"
+    dask = ["--runner", "dask", "--dask_client_address", "tcp://dask-scheduler:8786"]
+    assert pipeline_deployment(spec, beam_args=dask).parameters["beam_args"] == dask  # for the ingest jobs
     with pytest.raises(ValueError, match=r"--cron '0 3 \* \*' is not a cron expression"):
         pipeline_deployment(spec, cron="0 3 * *")
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
