@@ -124,7 +124,7 @@ def _pick_table(cat: Catalog, name: str) -> dict[str, list]:
             if order:
                 table = table.sort_by([(k, "ascending") for k in order])
             return {c: table.column(c).to_pylist() for c in table.column_names}
-    known = sorted({p.name.split(".")[0] for p in base.glob("*")} | {p.name for p in cat.root / "curated".glob("*")})
+    known = sorted({p.name.split(".")[0] for p in base.glob("*")} | {p.name for p in (cat.root / "curated").glob("*")})
     raise ValueError(f"no selection or curated set named {name!r} in {cat.root}; there are: {', '.join(known) or 'none'}")
 
 
