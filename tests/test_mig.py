@@ -233,6 +233,25 @@ def test_compiled_greedy_on_a_tulu_shaped_pool() -> None:
         assert fast.evaluations < 3000 * n // 50  # lazy: far fewer than a full re-scan per pick
 
 
+@pytest.mark.parametrize("hot_size", [1, 5, 64])
+def test_compiled_greedy_small_heap_tier(hot_size: int) -> None:
+    # A heap far smaller than the pool forces many refills from the cold tier (quickselect cut).
+    labels, scores, W = zipf_pool(31, 900, 40, duplicates=120, empty=10, zero_scores=10)
+    ehat = propagated_vectors(labels, scores, W)
+    assert_same_run(greedy_select(ehat, 900, hot_size=hot_size), reference_greedy_select(ehat, 900))
+
+
+def test_quickselect_matches_numpy_partition() -> None:
+    from pipeline.select.mig import _kth_smallest
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 10, 257, 5000):
+        for values in (rng.uniform(size=n), rng.integers(0, 4, n).astype(float), np.sort(rng.uniform(size=n)),
+                       np.full(n, 2.5)):
+            for kth in {0, n // 2, n - 1}:
+                assert _kth_smallest(values.copy(), kth) == np.partition(values, kth)[kth]
+
+
 def test_compiled_greedy_edge_cases() -> None:
     W = sp.identity(3, format="csr")
     ehat = propagated_vectors([[], [1], [], [0, 2]], [1.0, 0.0, 3.0, 2.0], W)

@@ -453,11 +453,49 @@ def _row_gain(indptr, indices, data, dphi, i):
 
 
 @njit(cache=True, nogil=True)
+def _kth_smallest(values, kth):
+    """The ``kth`` smallest (0-based) of ``values``, which it reorders (Hoare quickselect).
+
+    Written out rather than ``np.partition``, whose compiled implementation took numba several
+    seconds of extra compile time on the first run.
+    """
+    lo, hi = 0, values.shape[0] - 1
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        # median of three as the pivot, so sorted or constant runs do not go quadratic
+        a, b, c = values[lo], values[mid], values[hi]
+        if a > b:
+            a, b = b, a
+        if b > c:
+            b = c
+            if a > b:
+                b = a
+        pivot = b
+        i, j = lo, hi
+        while i <= j:
+            while values[i] < pivot:
+                i += 1
+            while values[j] > pivot:
+                j -= 1
+            if i <= j:
+                values[i], values[j] = values[j], values[i]
+                i += 1
+                j -= 1
+        if kth <= j:
+            hi = j
+        elif kth >= i:
+            lo = i
+        else:
+            return values[kth]
+    return values[kth]
+
+
+@njit(cache=True, nogil=True)
 def _refill(keys, rows, cold_keys, cold_rows, n_cold, hot_size):
     """Move the ``hot_size`` largest cold bounds (and every bound equal to the smallest of them)
     into the empty heap; return the new threshold theta, the heap size and the cold count."""
     if n_cold > hot_size:
-        cut = np.partition(cold_keys[:n_cold], n_cold - hot_size)[n_cold - hot_size]
+        cut = _kth_smallest(cold_keys[:n_cold].copy(), n_cold - hot_size)
     else:
         cut = -1.0  # everything moves; bounds are >= 0
     size = 0
