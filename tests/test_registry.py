@@ -42,7 +42,7 @@ def test_every_entry_resolves_and_its_parameters_fit_the_callable(entry):
     if entry.family == "selector":
         selector = impl()
         assert selector.name == entry.name and selector.schema is not None
-        for method in ("from_catalog", "from_file", "inputs", "notes", "run"):
+        for method in ("sources", "from_catalog", "from_file", "notes", "run"):
             assert callable(getattr(selector, method))
         return
     accepted = inspect.signature(impl).parameters

@@ -54,7 +54,7 @@ def _select(root, edges, *more: str) -> int:
                  "--label-graph", str(edges), *more])
 
 
-def test_select_writes_the_selection_with_a_ledger_entry_and_skips_when_unchanged(pool, capsys):
+def test_select_writes_the_selection_with_a_ledger_entry_and_skips_when_unchanged(pool, capsys, monkeypatch):
     root, _, edges = pool
     assert _select(root, edges) == 0
     out = capsys.readouterr().out
@@ -72,7 +72,14 @@ def test_select_writes_the_selection_with_a_ledger_entry_and_skips_when_unchange
     assert run["counts"]["rows_out"] == 20 and run["counts"]["rows_in"] == 120
     assert run["counts"]["report"]["information"] == pytest.approx(doc["report"]["information"], rel=1e-9)
     assert any(i["uri"].endswith(".parquet") for i in run["inputs"])  # the pool's files are the fingerprint
-    # the same selection again: verified skip, the stored report printed, no new ledger entry
+    # the same selection again: verified skip, decided before any pool is read, the stored report
+    # printed, no new ledger entry
+    from pipeline.curate import mig_pool
+
+    def unread(*a, **k):
+        raise AssertionError("an unchanged selection read its pool")
+
+    monkeypatch.setattr(mig_pool.MIGSelector, "from_catalog", unread)
     assert _select(root, edges) == 0
     again = capsys.readouterr().out
     assert "unchanged, skipped" in again and "E(D) MIG selection" in again

@@ -28,7 +28,6 @@ class ConceptPool:
     sample_ids: list[str]
     concepts: list[list[str]]  # one entry per instance (a concept repeats once per box/count)
     source: str
-    inputs: list[Path] = field(default_factory=list)  # files and folders read (the input fingerprint)
 
 
 def concepts_from_catalog(catalog: str | Path, dataset: str, source: str = "auto",
@@ -42,17 +41,15 @@ def concepts_from_catalog(catalog: str | Path, dataset: str, source: str = "auto
     if not samples.is_dir():
         raise FileNotFoundError(f"no image-text samples for dataset {dataset!r} in {cat.root}")
     ids = sorted(pq.read_table(samples, columns=["sample_id"]).column("sample_id").to_pylist())
-    read = [samples]
     if near_duplicates:
         removed = annotations.near_copies(cat, dataset, near_duplicates)
         ids = [s for s in ids if s not in removed]
-        read.append(cat.annotation_partition(near_duplicates, dataset))
     part = annotations.require(cat, dataset, source, annotations.CONCEPT_SOURCES,
                                "run `thresher concepts annotate` first")
     rows = pq.read_table(part, columns=["sample_id", "concepts"]).to_pylist()
     by_id = {r["sample_id"]: [c["concept"] for c in r["concepts"] or [] for _ in range(max(1, c["count"] or 1))]
              for r in rows}
-    return ConceptPool(ids, [by_id.get(s, []) for s in ids], part.parent.name, [*read, part])
+    return ConceptPool(ids, [by_id.get(s, []) for s in ids], part.parent.name)
 
 
 def concepts_from_file(path: str | Path, column: str = "concepts", id_column: str = "sample_id") -> ConceptPool:
@@ -63,7 +60,7 @@ def concepts_from_file(path: str | Path, column: str = "concepts", id_column: st
             raise ValueError(f"{path} has no column {c!r}; columns: {table.column_names}")
     concepts = [[x["concept"] if isinstance(x, dict) else x for x in (row or [])]
                 for row in table.column(column).to_pylist()]
-    return ConceptPool([str(x) for x in table.column(id_column).to_pylist()], concepts, str(path), [Path(path)])
+    return ConceptPool([str(x) for x in table.column(id_column).to_pylist()], concepts, str(path))
 
 
 @dataclass
@@ -150,8 +147,16 @@ class CABSSelector:
     def from_file(self, path: Path, params: dict[str, Any]) -> ConceptPool:
         return concepts_from_file(path)
 
-    def inputs(self, pool: ConceptPool, params: dict[str, Any]) -> list[Path]:
-        return pool.inputs
+    def sources(self, cat: Catalog, dataset: str | None, path: Path | None, params: dict[str, Any]) -> list[Path]:
+        if dataset is None:
+            return [path]  # type: ignore[list-item]
+        samples = cat.samples_partition("image_text", dataset)
+        if not samples.is_dir():
+            raise FileNotFoundError(f"no image-text samples for dataset {dataset!r} in {cat.root}")
+        near = params["near_dups"]
+        return [samples, *([cat.annotation_partition(near, dataset)] if near else []),
+                annotations.require(cat, dataset, params["concepts"], annotations.CONCEPT_SOURCES,
+                                    "run `thresher concepts annotate` first")]
 
     def notes(self, pool: ConceptPool, params: dict[str, Any]) -> list[str]:
         return []

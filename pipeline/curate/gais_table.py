@@ -8,7 +8,7 @@ row per instance: ``index``, ``sample_id``, ``label``, ``score``, ``selected``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ class Instances:
     labels: list[str]
     sample_ids: list[str]
     source: str
-    inputs: list[Path] = field(default_factory=list)  # files and folders read (the input fingerprint)
 
 
 def _matrix(table: pa.Table, features: str | None, exclude: set[str]) -> np.ndarray:
@@ -53,7 +52,7 @@ def instances_from_table(path: str | Path, label_column: str, features: str | No
     X = _matrix(table, features, {label_column, id_column})
     ids = ([str(v) for v in table.column(id_column).to_pylist()] if id_column in table.column_names
            else [str(i) for i in range(table.num_rows)])
-    return Instances(X, [str(v) for v in table.column(label_column).to_pylist()], ids, str(path), [Path(path)])
+    return Instances(X, [str(v) for v in table.column(label_column).to_pylist()], ids, str(path))
 
 
 def instances_from_catalog(catalog: str | Path, dataset: str, label_column: str, model: str,
@@ -65,21 +64,18 @@ def instances_from_catalog(catalog: str | Path, dataset: str, label_column: str,
         raise FileNotFoundError(f"no embeddings {model!r} for dataset {dataset!r}; run `thresher embed` first")
     vectors = pq.read_table(emb).sort_by("sample_id")
     ids = vectors.column("sample_id").to_pylist()
-    read = [emb]
     if label_column == "tag":
         part = annotations.require(cat, dataset, "auto", annotations.TAG_SOURCES,
                                    "run `thresher annotate tags` first for --label-column tag")
         rows = pq.read_table(part, columns=["sample_id", "tags"]).to_pylist()
         by_id = {r["sample_id"]: (r["tags"][0]["tag"] if r["tags"] else "untagged") for r in rows}
-        read.append(part)
     else:
         samples = pq.read_table(cat.samples_partition(kind, dataset))
         if label_column not in samples.column_names:
             raise ValueError(f"samples have no column {label_column!r}; use one of {samples.column_names} or 'tag'")
         by_id = dict(zip(samples.column("sample_id").to_pylist(), map(str, samples.column(label_column).to_pylist())))
-        read.append(cat.samples_partition(kind, dataset))
     X = np.asarray(vectors.column("embedding").to_pylist(), dtype=np.float32)
-    return Instances(X, [by_id.get(s, "unknown") for s in ids], ids, f"{cat.root}#{dataset}:{model}", read)
+    return Instances(X, [by_id.get(s, "unknown") for s in ids], ids, f"{cat.root}#{dataset}:{model}")
 
 
 @dataclass
@@ -114,8 +110,19 @@ class GAISSelector:
     def from_file(self, path: Path, params: dict[str, Any]) -> Instances:
         return instances_from_table(path, params["label_column"], params["features"])
 
-    def inputs(self, pool: Instances, params: dict[str, Any]) -> list[Path]:
-        return pool.inputs
+    def sources(self, cat: Catalog, dataset: str | None, path: Path | None, params: dict[str, Any]) -> list[Path]:
+        if dataset is None:
+            return [path]  # type: ignore[list-item]
+        if not params["embeddings"]:
+            raise ValueError("GAIS over a catalog dataset needs embeddings=MODEL (--embeddings: the features)")
+        emb = cat.embedding_partition(params["embeddings"], dataset)
+        if not emb.is_dir():
+            raise FileNotFoundError(f"no embeddings {params['embeddings']!r} for dataset {dataset!r}; "
+                                    "run `thresher embed` first")
+        if params["label_column"] == "tag":
+            return [emb, annotations.require(cat, dataset, "auto", annotations.TAG_SOURCES,
+                                             "run `thresher annotate tags` first for --label-column tag")]
+        return [emb, cat.samples_partition(params["sample_kind"], dataset)]
 
     def notes(self, pool: Instances, params: dict[str, Any]) -> list[str]:
         return []

@@ -34,7 +34,6 @@ class Pool:
     source: str
     notes: dict[str, Any] = field(default_factory=dict)
     catalog: Path | None = None  # the catalog a pool was drawn from (its label-vector cache)
-    inputs: list[Path] = field(default_factory=list)  # files and folders read (the input fingerprint)
 
 
 def pool_from_xsample(path: str | Path) -> Pool:
@@ -55,7 +54,7 @@ def pool_from_xsample(path: str | Path) -> Pool:
             if record_no in wanted:
                 ids[record_no] = conversation_id(normalise(json.loads(line), "xsample").messages)
     return Pool([ids[int(i)] for i in xs.line_numbers], xs.labels, xs.scores, xs.line_numbers,
-                str(path), {"skipped_without_annotations": xs.skipped}, inputs=[Path(path)])
+                str(path), {"skipped_without_annotations": xs.skipped})
 
 
 NEAR_DUP_PREFIX = "near_dup_"  # pipeline.stages.index.near_dup_annotator(model) names them so
@@ -114,6 +113,20 @@ def resolve_near_duplicates(catalog: str | Path | Catalog, dataset: str,
                      "choose one with --near-dups NAME")
 
 
+def catalog_sources(cat: Catalog, dataset: str, tags: str = "auto", quality: str = "auto",
+                    near_duplicates: str | None = None) -> list[Path]:
+    """The folders :func:`pool_from_catalog` would read, resolved as it resolves them, reading no rows
+    (so an unchanged selection is skipped before any pool is built)."""
+    samples = cat.samples_partition("instruction", dataset)
+    if not samples.is_dir():
+        raise FileNotFoundError(f"no instruction samples for dataset {dataset!r} in {cat.root}")
+    hint = "run `thresher annotate` first (or pass an xsample JSONL file)"
+    near_from, _ = resolve_near_duplicates(cat, dataset, near_duplicates)
+    return [samples, annotations.require(cat, dataset, tags, annotations.TAG_SOURCES, hint),
+            annotations.require(cat, dataset, quality, annotations.QUALITY_SOURCES, hint),
+            *([cat.annotation_partition(near_from, dataset)] if near_from else [])]
+
+
 def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", quality: str = "auto",
                       near_duplicates: str | None = None) -> Pool:
     """Samples of ``dataset`` with labels from annotator ``tags`` and scores from ``quality``.
@@ -151,8 +164,7 @@ def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", qua
              "near_duplicates_excluded": dropped, "near_duplicates_from": near_from}
     if near_note:
         notes["near_duplicates_note"] = near_note
-    read = [samples, tag_part, q_part] + ([cat.annotation_partition(near_from, dataset)] if near_from else [])
-    return Pool(ids, labels, scores, np.arange(len(ids)), f"{cat.root}#{dataset}", notes, cat.root, read)
+    return Pool(ids, labels, scores, np.arange(len(ids)), f"{cat.root}#{dataset}", notes, cat.root)
 
 
 @dataclass
@@ -257,8 +269,12 @@ class MIGSelector:
             raise FileNotFoundError(f"{path} is not a file (MIG reads an xsample-layout JSONL(.gz) file)")
         return pool_from_xsample(path)
 
-    def inputs(self, pool: Pool, params: dict[str, Any]) -> list[Path]:
-        return [*pool.inputs, *([Path(params["label_graph"])] if params["label_graph"] else [])]
+    def sources(self, cat: Catalog, dataset: str | None, path: Path | None, params: dict[str, Any]) -> list[Path]:
+        graph = [Path(params["label_graph"])] if params["label_graph"] else []
+        if dataset is None:
+            return [path, *graph]  # type: ignore[list-item]
+        near = None if params["keep_near_duplicates"] else params["near_dups"]
+        return [*catalog_sources(cat, dataset, params["tags"], params["quality"], near), *graph]
 
     def notes(self, pool: Pool, params: dict[str, Any]) -> list[str]:
         if params["keep_near_duplicates"] and pool.catalog is not None:

@@ -4,9 +4,10 @@ A selector (registered in :data:`pipeline.registry.SELECTORS`) is a class with::
 
     name: str                                  # its registry name
     schema: pa.Schema                          # of its picks table
+    sources(cat, dataset, path, params)        # the files and folders a pool would be read from,
+        -> list[Path]                          #   resolved without reading rows (the fingerprint)
     from_catalog(cat, dataset, params) -> pool # what it reads from a catalog dataset
     from_file(path, params) -> pool            # ... or from a file
-    inputs(pool, params) -> list[Path]         # every file or folder the pool was read from
     notes(pool, params) -> list[str]           # what the pool left out, to print before the report
     run(pool, params) -> (pa.Table, report)    # report: .lines() and .to_dict()
 
@@ -58,11 +59,11 @@ class Selector(Protocol):
     name: str
     schema: pa.Schema
 
+    def sources(self, cat: Catalog, dataset: str | None, path: Path | None, params: dict[str, Any]) -> list[Path]: ...
+
     def from_catalog(self, cat: Catalog, dataset: str, params: dict[str, Any]) -> Any: ...
 
     def from_file(self, path: Path, params: dict[str, Any]) -> Any: ...
-
-    def inputs(self, pool: Any, params: dict[str, Any]) -> list[Path]: ...
 
     def notes(self, pool: Any, params: dict[str, Any]) -> list[str]: ...
 
@@ -152,8 +153,8 @@ def write_files(table: pa.Table, schema: pa.Schema, document: dict[str, Any], pi
 
 
 def _document(selector: str, name: str | None, source: str, params: dict[str, Any], report: Report,
-              rows: int, run_id: str | None) -> dict[str, Any]:
-    return {"selector": selector, "name": name, "source": source, "parameters": params,
+              rows: int, run_id: str | None, notes: list[str]) -> dict[str, Any]:
+    return {"selector": selector, "name": name, "source": source, "parameters": params, "notes": notes,
             "report": report.to_dict(), "lines": report.lines(), "rows": rows, "run_id": run_id}
 
 
@@ -198,12 +199,13 @@ def select_into_catalog(selector: str, catalog: str | Path | Catalog, name: str,
     target = cat.selection_dir(name)  # checks the name
     if dataset is not None:
         check_name(dataset)
-        pool = impl.from_catalog(cat, dataset, params)
+        source = f"{cat.root}#{dataset}"
     else:
-        pool = impl.from_file(Path(input_file), params)  # type: ignore[arg-type]
-    source = pool.source
-    notes = impl.notes(pool, params)
-    inputs = fingerprint(impl.inputs(pool, params))
+        input_file = Path(input_file)  # type: ignore[arg-type]
+        source = str(input_file)
+    # The fingerprint comes from resolving the pool's files, not reading them, so an unchanged
+    # selection is skipped before any pool is built.
+    inputs = fingerprint(impl.sources(cat, dataset, input_file, params))
     parameters = {"selector": selector, **params}
     with StageRun(cat, STAGE, dataset or FILE_DATASET, {"selection": target}, parameters, inputs,
                   force=force, ledger_parameters={"name": name, "source": source}) as run:
@@ -212,12 +214,14 @@ def select_into_catalog(selector: str, catalog: str | Path | Catalog, name: str,
             report: Report = StoredReport(doc.get("report", {}), doc.get("lines", []))
             rows = pq.ParquetFile(target / PICKS).metadata.num_rows
             result = SelectionResult(selector, name, str(target), rows, report, params, source,
-                                     run.state["run_id"] if run.state else None, True, notes=notes)
+                                     run.state["run_id"] if run.state else None, True, notes=doc.get("notes", []))
             if out is not None:
                 result.out = _copy_stored(target, Path(out))
             return result
+        pool = impl.from_catalog(cat, dataset, params) if dataset is not None else impl.from_file(input_file, params)
+        notes = impl.notes(pool, params)
         table, report = impl.run(pool, params)
-        doc = _document(selector, name, source, params, report, table.num_rows, run.run_id)
+        doc = _document(selector, name, source, params, report, table.num_rows, run.run_id, notes)
         staging = run.staging["selection"]
         write_files(table, impl.schema, doc, staging / PICKS, staging / REPORT)
         run.commit({"rows_in": _pool_size(pool), "rows_out": table.num_rows, "report": jsonable(report.to_dict())},
@@ -236,7 +240,7 @@ def select_to_file(selector: str, input_file: str | Path, out: str | Path, param
     pool = impl.from_file(Path(input_file), params)
     notes = impl.notes(pool, params)
     table, report = impl.run(pool, params)
-    doc = _document(selector, None, pool.source, params, report, table.num_rows, None)
+    doc = _document(selector, None, pool.source, params, report, table.num_rows, None, notes)
     path = _copy_out(out, table, impl.schema, doc)
     return SelectionResult(selector, None, path, table.num_rows, report, params, pool.source, notes=notes)
 
