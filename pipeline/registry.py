@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -368,8 +368,3 @@ def lookup(family: str, name: str) -> Entry:
     if family not in REGISTRIES:
         raise KeyError(_unknown("step family", family, list(REGISTRIES)))
     return REGISTRIES[family][name]
-
-
-def call(entry: Entry, *args: Any, **kwargs: Any) -> Any:
-    fn: Callable[..., Any] = entry.load()
-    return fn(*args, **kwargs)
