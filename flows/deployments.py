@@ -69,8 +69,13 @@ def require_api_url(command: str) -> str:
 
 
 def _to_deployment(flow: Any, cron: str | None, **kwargs: Any) -> Any:
+    from prefect.types.entrypoint import EntrypointType
+
     try:
-        return flow.to_deployment(cron=cron, **kwargs)
+        # By module path (flows.ingest.ingest_flow), not file path: a scheduled run imports the
+        # installed package from any working directory, and a file loaded as a script would be
+        # imported under its bare file name.
+        return flow.to_deployment(cron=cron, entrypoint_type=EntrypointType.MODULE_PATH, **kwargs)
     except ValidationError as exc:  # Prefect's CronSchedule refuses the expression
         if cron is not None and any("cron" in map(str, e.get("loc", ())) for e in exc.errors()):
             raise ValueError(f"--cron {cron!r} is not a cron expression: five fields, minute hour day-of-month "
@@ -85,7 +90,7 @@ def pipeline_deployment(spec: PipelineSpec, cron: str | None = None, name: str |
     The spec travels as the deployment's parameters, so each scheduled run curates what the spec
     said when it was deployed (re-deploy after editing the file); the flow validates it again.
     """
-    from flows.pipeline import pipeline_flow
+    from flows.run_spec import pipeline_flow
 
     params = {"spec": spec.to_dict(), "workers": workers}
     if beam_args:

@@ -21,7 +21,7 @@ name, the allowed values (``steps[2].step: unknown 'tgas' (did you mean 'tags'?)
 instruction data: embed, tags, quality, index``). Unknown fields are errors, never ignored.
 
 This module imports neither Beam nor Prefect: ``thresher run --check`` validates without them,
-and ``flows/pipeline.py`` turns a validated spec into Prefect tasks.
+and ``flows/run_spec.py`` turns a validated spec into Prefect tasks.
 """
 
 from __future__ import annotations
@@ -68,14 +68,14 @@ class Strict(BaseModel):
 # --- names and parameters --------------------------------------------------------------------------------
 # Names, parameter types, defaults and choices come from pipeline/registry.py. What a spec adds:
 # the step vocabulary (embed, index and one step per annotator group), and which of each entry's
-# parameters the pipeline flow (flows/pipeline.py) passes on: FLOW_PARAMS, the one place that says
+# parameters the pipeline flow (flows/run_spec.py) passes on: FLOW_PARAMS, the one place that says
 # so. A registered parameter missing there is refused with that reason, never silently dropped.
 
 EMBED, INDEX = "embed", "index"
 INDEX_PARAMS = (Param("near_dup_threshold", float, 0.95, "cosine at which two samples are near-copies"),)
 _LLM = ("endpoint", "model", "api_key_env", "concurrency", "timeout", "retries", "max_tokens", "cache")
 FLOW_PARAMS: dict[str, tuple[str, ...]] = {
-    # registry entry name -> the parameters flows/pipeline.py passes to it. Left out on purpose:
+    # registry entry name -> the parameters flows/run_spec.py passes to it. Left out on purpose:
     # output names (``name``: later steps look annotations up by their default names) and what
     # the flow fills in itself (MIG's and CABS's ``near_dups`` from the index step, GAIS's
     # ``embeddings`` and ``sample_kind``, the webdataset exporter's ``dataset``).

@@ -189,6 +189,7 @@ def test_deployment_carries_the_spec_and_the_schedule(monkeypatch):
     spec = load_spec(IMAGE_TEXT)
     dep = pipeline_deployment(spec, cron="0 3 * * *", workers=2)
     assert dep.name == "image_text_cabs" and dep.flow_name == "thresher-pipeline"
+    assert dep.entrypoint == "flows.run_spec.pipeline_flow"  # imported from the installed package
     assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
     assert dep.parameters == {"spec": spec.to_dict(), "workers": 2}
     assert set(dep.tags) == {"thresher", "image_text"}

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     configure_local_prefect()  # before Prefect is imported: it reads its settings once
     server = LocalPrefectServer()  # boots while the flows import (nothing when PREFECT_API_URL is set)
     try:
-        from flows.pipeline import pipeline_flow, summary_lines
+        from flows.run_spec import pipeline_flow, summary_lines
 
         with server, _api_settings(server.api_url):
             out = pipeline_flow(spec.to_dict(), workers=args.workers, force=args.force, beam_args=extra or None)
