@@ -14,6 +14,16 @@ linear, ~2 is quadratic.
 
     python benchmarks/gais.py --quick
     python benchmarks/gais.py --sizes 100000,300000,1000000
+
+``--baselines`` instead runs the small-data baseline table (issue 12): scikit-learn's bundled
+iris, wine, breast_cancer and digits, stratified 5-fold CV repeated for ``--cv-seeds``, GAIS
+(``--variants``, default multilevel; the paper's same_class rule and the same_class_coverage
+extension) against random stratified, k-means nearest-to-centre, k-medoids, herding (all with
+GAIS's per-class counts), condensed and edited nearest neighbour (their own reduction), with
+1-NN and logistic-regression accuracy, reduction and time, then the like-for-like 1-NN table
+and the verdict. It prints the machine and the time taken.
+
+    python benchmarks/gais.py --baselines
 """
 
 from __future__ import annotations
@@ -188,8 +198,37 @@ def report(results: list[dict], sizes: list[int]) -> str:
     return "\n".join(lines)
 
 
+def baseline_table(args: argparse.Namespace) -> int:
+    """The issue-12 table through the evaluation harness's CLI, with the machine named."""
+    import platform
+
+    from pipeline.evaluate.instance_selection import main as harness
+
+    variants = args.variants if args.variants_given else "multilevel"
+    print(f"# GAIS vs instance-selection baselines: host {platform.node()}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at start; variants {variants}; "
+          f"reduction {args.reduction}; CV seeds {args.cv_seeds}; GAT epochs "
+          f"{args.baseline_epochs}", flush=True)
+    t0 = time.perf_counter()
+    code = harness(["--datasets", "iris,wine,breast_cancer,digits", "--variants", variants,
+                    "--scorings", "same_class,same_class_coverage", "--baselines", "all",
+                    "--reductions", str(args.reduction), "--seeds", args.cv_seeds,
+                    "--epochs", str(args.baseline_epochs), "--folds", "5"]
+                   + (["--json", args.json] if args.json else []))
+    print(f"\n# took {time.perf_counter() - t0:.0f} s; load average at end "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--baselines", action="store_true",
+                   help="run the small-data baseline table (issue 12) instead of the scale run")
+    p.add_argument("--cv-seeds", default="0,1,2",
+                   help="--baselines: seeds of the repeated 5-fold cross-validation")
+    p.add_argument("--baseline-epochs", type=int, default=100,
+                   help="--baselines: GAT epochs (the library default)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes (20k, 60k) and 1 epoch: a smoke run in about a minute")
     p.add_argument("--sizes", default="100000,300000,1000000")
@@ -221,10 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.variants_given = any(a == "--variants" or a.startswith("--variants=")
+                              for a in (sys.argv[1:] if argv is None else argv))
 
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    if args.baselines:
+        return baseline_table(args)
 
     import psutil
 

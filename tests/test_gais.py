@@ -248,3 +248,85 @@ def test_gais_select_validates_arguments():
         gais_select(X, y, "gcn")
     with pytest.raises(ValueError, match="one label|N labels"):
         gais_select(X, y[:-1], "knn")
+
+
+# ------------------------------------------------------------ coverage extension (coverage.py)
+
+from pipeline.select.gais import GAIS_SCORINGS, coverage_select  # noqa: E402
+from pipeline.select.gais.coverage import (  # noqa: E402
+    attention_weights,
+    greedy_weighted_kmedian,
+    pca_tree_blocks,
+    share_quota,
+)
+
+
+def test_greedy_kmedian_first_pick_is_the_weighted_one_median():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3))
+    w = rng.random(40)
+    dist = np.sqrt(((X[:, None] - X[None]) ** 2).sum(-1))
+    assert greedy_weighted_kmedian(X, w, 1)[0] == int(np.argmin(dist.T @ w))
+    # Heavy weight on one row pulls the single pick onto it.
+    w2 = np.ones(40)
+    w2[7] = 1e6
+    assert greedy_weighted_kmedian(X, w2, 1)[0] == 7
+
+
+def test_greedy_kmedian_covers_separate_clusters_and_breaks_ties_by_row():
+    X = np.array([[0.0], [0.1], [10.0], [10.1], [20.0], [20.1]])
+    picks = greedy_weighted_kmedian(X, np.ones(6), 3)
+    assert sorted(X[picks, 0] // 10) == [0.0, 1.0, 2.0]  # one per cluster, not two in one
+    # Exact ties (identical rows): the lower row index wins.
+    same = np.zeros((4, 2))
+    assert list(greedy_weighted_kmedian(same, np.ones(4), 2)) == [0, 1]
+    assert list(greedy_weighted_kmedian(X, np.ones(6), 6)) == list(range(6))
+
+
+def test_attention_weights_flatten_scores_and_survive_all_zero():
+    np.testing.assert_allclose(attention_weights(np.array([1.0, 4.0, 4.0, 7.0])),  # mean 4
+                               [0.5, 1.0, 1.0, np.sqrt(7 / 4)])
+    np.testing.assert_allclose(attention_weights(np.zeros(3)), np.ones(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        attention_weights(np.array([1.0, -1.0]))
+
+
+def test_pca_tree_blocks_partition_rows_into_bounded_blocks():
+    X = np.random.default_rng(1).normal(size=(1000, 4))
+    blocks = pca_tree_blocks(X, block_rows=100, seed=0)
+    rows = np.sort(np.concatenate(blocks))
+    assert np.array_equal(rows, np.arange(1000))
+    assert max(b.size for b in blocks) <= 100 and min(b.size for b in blocks) >= 50
+    assert [b.tolist() for b in pca_tree_blocks(X, 100, seed=0)] == [b.tolist() for b in blocks]
+    assert share_quota(np.array([5, 3, 2]), 4).tolist() == [2, 1, 1]
+    assert share_quota(np.array([1, 1]), 2).tolist() == [1, 1]
+
+
+def test_coverage_select_keeps_quota_and_blocks_only_split_big_classes():
+    X, y = blobs(600, seed=3)
+    scores = np.random.default_rng(0).random(600)
+    quota = per_class_quota(y, 0.9)
+    mask = coverage_select(X, scores, y, quota, seed=0)
+    assert [int(mask[y == c].sum()) for c in range(3)] == quota.tolist()
+    blocked = coverage_select(X, scores, y, quota, seed=0, block_rows=64)
+    assert [int(blocked[y == c].sum()) for c in range(3)] == quota.tolist()
+    # A single block (the default here: classes under 1024 rows) is seed-independent.
+    assert np.array_equal(mask, coverage_select(X, scores, y, quota, seed=9))
+    with pytest.raises(ValueError, match="exceeds"):
+        coverage_select(X, scores, y, np.array([1000, 1, 1]))
+
+
+def test_gais_select_coverage_mode_matches_counts_and_is_deterministic():
+    assert GAIS_SCORINGS[-1] == "same_class_coverage"
+    X, y = blobs(300, seed=2)
+    top = gais_select(X, y, "knn", 0.9, scoring="same_class", seed=1, gat_config=FAST)
+    cov = gais_select(X, y, "knn", 0.9, scoring="same_class_coverage", seed=1,
+                      gat_config=FAST)
+    again = gais_select(X, y, "knn", 0.9, scoring="same_class_coverage", seed=1,
+                        gat_config=FAST)
+    assert cov.per_class_counts == top.per_class_counts
+    np.testing.assert_allclose(cov.scores, top.scores)  # same attention, other selection rule
+    assert np.array_equal(cov.selected_mask, again.selected_mask)
+    assert cov.scoring == "same_class_coverage"
+    with pytest.raises(ValueError, match="same_class_coverage"):
+        gais_select(X, y, "knn", scoring="coverage")

@@ -5,11 +5,17 @@ applied to both folds; the selector sees only the scaled training fold; 1-NN and
 regression are trained on the selected subset and tested on the held-out fold. Every fold also
 scores the full training set and random stratified subsets with exactly the selector's
 per-class counts (several seeded draws, averaged), so comparisons are paired by fold.
+Selectors that choose their own size (``self_sized``: condensed / edited nearest neighbour)
+get no random twin; their reduction is reported next to their accuracy. The classical
+baselines are in ``pipeline.evaluate.baselines``; the like-for-like table and the verdict of
+issue 12 in ``pipeline.evaluate.comparison``.
 
 CLI::
 
     python -m pipeline.evaluate.instance_selection --datasets iris,wine,breast_cancer,digits \\
         --variants minibatch,hash,multilevel,multiview,knn --folds 5
+    python -m pipeline.evaluate.instance_selection --variants multilevel \\
+        --scorings same_class,same_class_coverage --baselines all --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -53,11 +59,12 @@ class FoldRecord:
     select_s: float
     n_train: int
     n_selected: int
+    seed: int = 0  # the CV split's seed: repeated cross-validation has one per repeat
 
 
 @dataclass(frozen=True)
 class SummaryRow:
-    """Mean and standard deviation over folds for one (dataset, method)."""
+    """Mean and standard deviation over folds (of every repeat) for one (dataset, method)."""
 
     dataset: str
     method: str
@@ -127,10 +134,16 @@ def evaluate_selectors(
     seed: int = 0,
     random_repeats: int = 5,
     classifiers: Sequence[str] = CLASSIFIERS,
+    self_sized: Iterable[str] = (),
 ) -> list[FoldRecord]:
     """Run the protocol described in the module docstring; one record per fold, method and
-    classifier. Random baselines are named ``random`` when every selector kept the same
-    per-class counts in a fold, else ``random~<selector>``."""
+    classifier. Random baselines are named ``random`` when every size-matched selector kept
+    the same per-class counts in a fold, else ``random~<selector>``; selectors named in
+    ``self_sized`` choose their own size and get no random twin."""
+    self_sized = set(self_sized)
+    unknown = self_sized - set(selectors)
+    if unknown:
+        raise ValueError(f"self_sized names no selector: {', '.join(sorted(unknown))}")
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y)
     if X.ndim != 2 or y.shape != (X.shape[0],):
@@ -155,7 +168,7 @@ def evaluate_selectors(
                 records.append(FoldRecord(
                     dataset=dataset, method=method, fold=fold, classifier=clf,
                     accuracy=acc, macro_f1=f1, reduction=1.0 - mask.sum() / n_train,
-                    select_s=select_s, n_train=n_train, n_selected=int(mask.sum()),
+                    select_s=select_s, n_train=n_train, n_selected=int(mask.sum()), seed=seed,
                 ))
 
         full = np.ones(n_train, dtype=bool)
@@ -173,7 +186,9 @@ def evaluate_selectors(
                 )
             if not mask.any():
                 raise ValueError(f"selector {name!r} kept no instances in fold {fold}")
-            counts_of[name] = {lab: int(np.sum(mask & (y_tr == lab))) for lab in np.unique(y_tr)}
+            if name not in self_sized:
+                counts_of[name] = {lab: int(np.sum(mask & (y_tr == lab)))
+                                   for lab in np.unique(y_tr)}
             record(name, mask, select_s, _fit_score(X_tr, y_tr, mask, X_te, y_te, classifiers))
 
         distinct = {tuple(sorted(c.items())) for c in counts_of.values()}
@@ -186,8 +201,10 @@ def evaluate_selectors(
             mean_scores = {clf: (float(np.mean([d[clf][0] for d in draws])),
                                  float(np.mean([d[clf][1] for d in draws])))
                            for clf in classifiers}
+            # Time one draw, so the table's time column is measured for random too.
+            t0 = time.perf_counter()
             mask = random_stratified_mask(y_tr, counts, np.random.default_rng(0))
-            record(method, mask, 0.0, mean_scores)
+            record(method, mask, time.perf_counter() - t0, mean_scores)
     return records
 
 
@@ -202,7 +219,7 @@ def summarize(records: Iterable[FoldRecord]) -> list[SummaryRow]:
         acc = {c: _mean_std([r.accuracy for r in recs if r.classifier == c]) for c in clfs}
         f1 = {c: _mean_std([r.macro_f1 for r in recs if r.classifier == c]) for c in clfs}
         rows.append(SummaryRow(
-            dataset=dataset, method=method, n_folds=len({r.fold for r in recs}),
+            dataset=dataset, method=method, n_folds=len({(r.seed, r.fold) for r in recs}),
             reduction=float(np.mean([r.reduction for r in recs])),
             select_s=float(np.median([r.select_s for r in recs])), accuracy=acc, macro_f1=f1,
         ))
@@ -210,7 +227,8 @@ def summarize(records: Iterable[FoldRecord]) -> list[SummaryRow]:
 
 
 def to_markdown(rows: Sequence[SummaryRow]) -> str:
-    """Markdown table: mean ± std over folds; selection time is the median over folds."""
+    """Markdown table: mean ± std over folds; selection time is the median over folds.
+    ``reduction`` is each method's own (mean over folds): self-sized methods differ."""
     if not rows:
         return ""
     clfs = list(rows[0].accuracy)
@@ -224,7 +242,7 @@ def to_markdown(rows: Sequence[SummaryRow]) -> str:
         cells = [r.dataset, r.method, f"{r.reduction:.3f}"]
         for c in clfs:
             cells += [_pm(r.accuracy[c]), _pm(r.macro_f1[c])]
-        cells.append(f"{r.select_s:.2f}")
+        cells.append(f"{r.select_s:.3f}" if r.select_s < 0.1 else f"{r.select_s:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -260,24 +278,55 @@ def _split_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.select.gais import SCORING_RULES, VARIANTS, GATConfig
+def build_selectors(variants: Sequence[str], scorings: Sequence[str], baselines: Sequence[str],
+                    reduction: float, gat_config: object | None = None
+                    ) -> tuple[dict[str, Selector], list[str]]:
+    """GAIS selectors named ``gais/<variant>/<scoring>`` plus the named baselines; returns
+    (selectors, names of the self-sized ones)."""
+    from pipeline.evaluate.baselines import SELF_SIZED, SIZE_MATCHED
 
+    selectors: dict[str, Selector] = {
+        f"gais/{v}/{s}": gais_selector(v, s, reduction, gat_config=gat_config)
+        for v in variants for s in scorings
+    }
+    for b in baselines:
+        if b in SIZE_MATCHED:
+            selectors[b] = SIZE_MATCHED[b](reduction)
+        elif b in SELF_SIZED:
+            selectors[b] = SELF_SIZED[b]()
+        else:
+            raise ValueError(f"unknown baseline {b!r}; choose from "
+                             f"{', '.join([*SIZE_MATCHED, *SELF_SIZED])}")
+    return selectors, [b for b in baselines if b in SELF_SIZED]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline.evaluate import comparison
+    from pipeline.evaluate.baselines import SELF_SIZED, SIZE_MATCHED
+    from pipeline.select.gais import EXTENSIONS, GAIS_SCORINGS, SCORING_RULES, VARIANTS, GATConfig
+
+    all_baselines = [*SIZE_MATCHED, *SELF_SIZED]
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.evaluate.instance_selection",
         description="Cross-validated evaluation of GAIS instance selection against the full "
-                    "training set and random stratified subsets of the same size.",
+                    "training set, random stratified subsets of the same size and (with "
+                    "--baselines) classical instance-selection methods.",
     )
     parser.add_argument("--datasets", default=",".join(DATASETS),
                         help=f"comma-separated subset of {','.join(DATASETS)}")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated graph variants from {','.join(VARIANTS)}")
     parser.add_argument("--scorings", default=",".join(SCORING_RULES),
-                        help=f"comma-separated scoring rules from {','.join(SCORING_RULES)}")
+                        help=f"comma-separated scoring rules from {','.join(GAIS_SCORINGS)}")
+    parser.add_argument("--baselines", default="",
+                        help=f"comma-separated baselines from {','.join(all_baselines)}, "
+                             "or 'all' (default: none)")
     parser.add_argument("--reductions", default="0.96",
                         help="comma-separated reduction rates, each in [0, 1)")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated CV seeds: one full k-fold run per seed (repeated "
+                             "cross-validation); tables pool every fold of every run")
     parser.add_argument("--epochs", type=int, default=GATConfig().epochs,
                         help="GAT training epochs")
     parser.add_argument("--random-repeats", type=int, default=5,
@@ -288,9 +337,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     datasets = _split_list(args.datasets)
     variants = _split_list(args.variants)
     scorings = _split_list(args.scorings)
+    baselines = all_baselines if args.baselines == "all" else _split_list(args.baselines)
     reductions = [float(r) for r in _split_list(args.reductions)]
+    try:
+        seeds = [int(x) for x in _split_list(args.seeds)]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     for bad, allowed, what in ((datasets, DATASETS, "data set"), (variants, VARIANTS, "variant"),
-                               (scorings, SCORING_RULES, "scoring rule")):
+                               (scorings, GAIS_SCORINGS, "scoring rule"),
+                               (baselines, all_baselines, "baseline")):
         unknown = [b for b in bad if b not in allowed]
         if unknown:
             parser.error(f"unknown {what}(s) {', '.join(unknown)}; choose from "
@@ -302,16 +357,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         records: list[FoldRecord] = []
         for name in datasets:
             X, y = load_dataset(name)
-            selectors = {
-                f"gais/{v}/{s}": gais_selector(v, s, reduction, gat_config=gat_config)
-                for v in variants for s in scorings
-            }
+            selectors, self_sized = build_selectors(variants, scorings, baselines, reduction,
+                                                    gat_config)
             t0 = time.perf_counter()
-            records += evaluate_selectors(X, y, selectors, dataset=name, n_folds=args.folds,
-                                          seed=args.seed, random_repeats=args.random_repeats)
+            for seed in seeds:
+                records += evaluate_selectors(X, y, selectors, dataset=name,
+                                              n_folds=args.folds, seed=seed,
+                                              random_repeats=args.random_repeats,
+                                              self_sized=self_sized)
             print(f"<!-- {name}: {time.perf_counter() - t0:.0f} s -->", file=sys.stderr,
                   flush=True)
-        print(to_markdown(summarize(records)), flush=True)
+        rows = summarize(records)
+        print(to_markdown(rows), flush=True)
+        methods = {r.method for r in rows}
+        matched = [RANDOM] if RANDOM in methods else []
+        matched += [b for b in baselines if b in SIZE_MATCHED]
+        gais = [f"gais/{v}/{s}" for v in variants for s in scorings]
+        if matched and len(datasets) > 1:
+            print(f"\nSize-matched methods, 1-NN accuracy (reduction {reduction}):\n")
+            print(comparison.to_markdown(rows, [*matched, *gais]), flush=True)
+            for cand in [g for g in gais if g.rsplit("/", 1)[1] in EXTENSIONS] or gais:
+                print("\n" + comparison.verdict(rows, cand, matched).line(), flush=True)
         all_records += records
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

@@ -26,7 +26,10 @@ from pipeline.select.gais.graphs import (
     multiview_graph,
     symmetrize,
 )
+from pipeline.select.gais.coverage import coverage_select
 from pipeline.select.gais.selection import (
+    EXTENSIONS,
+    GAIS_SCORINGS,
     SCORING_RULES,
     GAISResult,
     attention_scores,
@@ -36,6 +39,7 @@ from pipeline.select.gais.selection import (
 )
 
 __all__ = [
+    "EXTENSIONS", "GAIS_SCORINGS", "coverage_select",
     "GAISResult", "GAT", "GATConfig", "GATLayer", "GATResult", "Graph", "GraphConfig",
     "HashConfig", "KNNConfig", "MiniBatchConfig", "MultiLevelConfig", "MultiViewConfig",
     "SCORING_RULES", "VARIANTS", "attention_scores", "build_graph", "default_config",

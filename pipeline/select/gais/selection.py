@@ -6,7 +6,12 @@ the heads h and layers l of the GAT (so a score is in units of "neighbours' wort
 comparable across graphs of different degree). Self loops are excluded: attention a node pays to
 itself says nothing about its value to others. The scoring rule restricts which neighbours count:
 ``same_class`` (y_j == y_i: class prototypes, the default, which the spec reports works),
-``other_class`` (y_j != y_i: boundary points) or ``all``.
+``other_class`` (y_j != y_i: boundary points) or ``all``; these three keep the top scorers of
+each class (the paper's rule).
+
+``same_class_coverage`` is this project's extension (``coverage.py``): the same same-class
+scores, used as importance weights of a per-class weighted k-median instead of a top-k cut, so
+the kept instances cover each class rather than bunch up in its densest core.
 
 Features are used as given. Scaling is the caller's job (the evaluation harness fits a
 StandardScaler on the training fold only), because scaling here would leak test statistics
@@ -21,10 +26,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.select.gais.coverage import coverage_select
 from pipeline.select.gais.gat import GATConfig, train_gat
 from pipeline.select.gais.graphs import VARIANTS, GraphConfig, build_graph
 
+# Which neighbours' attention counts (attention_scores); each keeps the top scorers per class.
 SCORING_RULES: tuple[str, ...] = ("same_class", "other_class", "all")
+# Extensions: scoring rule -> attention rule it is built on (selection differs, see coverage.py).
+EXTENSIONS: dict[str, str] = {"same_class_coverage": "same_class"}
+# Everything gais_select accepts as ``scoring``: the paper's rules, then the extensions.
+GAIS_SCORINGS: tuple[str, ...] = SCORING_RULES + tuple(EXTENSIONS)
 
 
 @dataclass
@@ -69,15 +80,16 @@ def gais_select(
     """Select ``1 - reduction`` of the instances of (X, y), each class keeping its share.
 
     ``X``: (N, d) numeric features, already scaled by the caller. ``y``: N labels of any
-    sortable type. ``variant``: one of :data:`VARIANTS`. ``reduction`` in [0, 1): fraction
+    sortable type. ``variant``: one of :data:`VARIANTS`. ``scoring``: one of
+    :data:`GAIS_SCORINGS` (the paper's top-k rules or the ``same_class_coverage`` extension). ``reduction`` in [0, 1): fraction
     removed; per-class quotas come from :func:`per_class_quota` (at least one per class).
     Deterministic for a given seed on a given device.
     """
     total_t0 = time.perf_counter()
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if scoring not in SCORING_RULES:
-        raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORING_RULES)}")
+    if scoring not in GAIS_SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(GAIS_SCORINGS)}")
     X = np.asarray(X)
     y = np.asarray(y)
     if X.ndim != 2 or y.shape != (X.shape[0],):
@@ -98,12 +110,16 @@ def gais_select(
     del graph  # the GAT result holds its own copy of the edges (with self loops)
 
     t0 = time.perf_counter()
-    scores = attention_scores(gat.attention, gat.src, gat.dst, y_codes, scoring)
+    rule = EXTENSIONS.get(scoring, scoring)
+    scores = attention_scores(gat.attention, gat.src, gat.dst, y_codes, rule)
     score_s = time.perf_counter() - t0
     gat.attention.clear()  # E x heads per layer: the biggest arrays; scores are all we need
 
     t0 = time.perf_counter()
-    mask = select_top_per_class(scores, y_codes, quota, seed=seed)
+    if scoring in EXTENSIONS:
+        mask = coverage_select(X, scores, y_codes, quota, seed=seed)
+    else:
+        mask = select_top_per_class(scores, y_codes, quota, seed=seed)
     select_s = time.perf_counter() - t0
     counts = {_plain(classes[c]): int(q) for c, q in enumerate(quota)}
     timings = {
