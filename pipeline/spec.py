@@ -381,12 +381,6 @@ def _resolve_params(given: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def _parsed(data: Any, key: str) -> bool:
-    # the fields of an already validated model (model_validate of its own dump, model_copy)
-    return isinstance(data, dict) and set(data) <= {key, "impl", "params"} and isinstance(data.get("params"), dict) \
-        and "impl" in data
-
-
 class StepSpec(Strict):
     """One step: ``step`` (embed, tags, quality, concepts, index), the registry entry it runs
     (``impl``: chosen with ``embedder:`` / ``annotator:``, default the first runnable one) and
@@ -399,8 +393,6 @@ class StepSpec(Strict):
     @model_validator(mode="before")
     @classmethod
     def _parse(cls, data: Any, info: ValidationInfo) -> Any:
-        if _parsed(data, "step"):
-            return data
         name, given = _split(data, "step")
         ctx = info.context or {}
         kind = ctx.get("kind")
@@ -457,8 +449,6 @@ class SelectionSpec(Strict):
     @model_validator(mode="before")
     @classmethod
     def _parse(cls, data: Any, info: ValidationInfo) -> Any:
-        if isinstance(data, dict) and set(data) == {"algorithm", "params"} and isinstance(data["params"], dict):
-            return data  # a validated selection's own fields ("params" is no selector parameter)
         name, given = _split(data, "algorithm")
         kind = (info.context or {}).get("kind")
         names = list(registry.SELECTORS)

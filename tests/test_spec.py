@@ -57,6 +57,32 @@ def test_a_good_spec_fills_in_the_registry_defaults():
     assert spec.export_dir("demo_chat") == str(Path(spec.catalog) / "exports" / "demo_chat_mig40")
 
 
+def test_spec_rules_match_the_flows_they_drive():
+    from flows.curate_instructions import CHAIN_TIERS as FLOW_TIERS
+    from pipeline.spec import CHAIN_TIERS
+
+    assert CHAIN_TIERS == FLOW_TIERS
+
+
+def test_several_datasets_get_one_curated_set_each():
+    raw = _raw()
+    raw["datasets"].append({"dataset": "more", "inputs": ["../../demo_data/instructions/mt_bench_questions.jsonl.gz"]})
+    raw["exports"]["dir"] = "out"
+    spec = validate_spec(raw, base_dir=EXAMPLES)
+    names = [spec.curated_name(d.dataset) for d in spec.datasets]
+    assert names == ["demo_chat_mig40-demo_chat", "demo_chat_mig40-more"]
+    assert spec.export_dir("more") == str(EXAMPLES / "out" / "demo_chat_mig40-more")
+    raw["datasets"][1]["dataset"] = "demo_chat"
+    assert _problems(raw) == ["datasets[1].dataset: 'demo_chat' is already datasets[0]"]
+
+
+def test_internal_fields_cannot_be_written_in_a_spec():
+    raw = _raw()
+    raw["steps"][1] = {"step": "tags", "impl": "llm_tags", "params": {}}
+    assert [p.split(";")[0] for p in _problems(raw)] == ["steps[1].impl: unknown 'impl'",
+                                                         "steps[1].params: unknown 'params'"]
+
+
 def test_unknown_field_is_an_error_naming_its_path():
     raw = _raw()
     raw["colour"] = "red"

@@ -54,13 +54,15 @@ def _api_settings(api_url: str | None):
         yield
         return
     from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: api_url}):
         try:
             yield
         finally:
-            EventsWorker.drain_all(timeout=10, at_exit=False)
+            for worker in (APILogWorker, EventsWorker):
+                worker.drain_all(timeout=10, at_exit=False)
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
