@@ -57,7 +57,23 @@ def test_beam_values_and_runner_names_are_checked():
         "argument --direct_num_workers: invalid int value: 'abc'"]
     assert check_extra_args(["--runner", "FlinkRuner"], [], True) == [
         "unknown runner 'FlinkRuner' for --runner (did you mean FlinkRunner?)"]
-    assert "full name" in check_extra_args(["--runner", "DaskRunner"], [], True)[0]
+    # Beam knows the Dask runner only by its full class name; Thresher takes the short ones too
+    for name in ("dask", "DaskRunner", "--runner=dask"):
+        args = [name] if name.startswith("--") else ["--runner", name]
+        assert check_extra_args(args + ["--dask_client_address", "tcp://127.0.0.1:8786"], [], True) == [], name
+    assert check_extra_args(["--runner", "DaskRuner"], [], True) == [
+        "unknown runner 'DaskRuner' for --runner (did you mean DaskRunner?)"]
+
+
+def test_the_dask_runner_without_dask_installed_is_a_clear_error(monkeypatch):
+    import pipeline.stages.runner as runner
+
+    monkeypatch.setattr(runner, "DASK_MODULES", ("dask", "no_such_module_for_the_test"))
+    assert check_extra_args(["--runner", "dask"], [], True) == [
+        "--runner dask needs dask[distributed] (no_such_module_for_the_test not installed): "
+        "pip install 'dask[distributed]'"]
+    with pytest.raises(RuntimeError, match="needs dask"):
+        runner.make_pipeline_options(1, ["--runner", "dask"])
     assert check_extra_args(["stray"], [], True) == ["unexpected argument 'stray'"]
 
 

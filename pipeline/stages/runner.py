@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import logging
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -97,10 +99,13 @@ def _normalise_runner(args: list[str]) -> list[str]:
     return out
 
 
+DASK_MODULES = ("dask", "distributed")  # what Beam's Dask runner imports (pip install 'dask[distributed]')
+
+
 def _dask_missing() -> str | None:
     import importlib.util
 
-    missing = [m for m in ("dask", "distributed") if importlib.util.find_spec(m) is None]
+    missing = [m for m in DASK_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         return (f"--runner dask needs dask[distributed] ({' and '.join(missing)} not installed): "
                 "pip install 'dask[distributed]'")
@@ -166,17 +171,24 @@ def _run_on_dask(build: Callable[[beam.Pipeline], Any], options: PipelineOptions
     options.view_as(StandardOptions).runner = DASK_RUNNER  # a short name, when set programmatically
     dask_opts = options.view_as(DaskOptions)
     cluster = None
-    if not dask_opts.address and not dask_opts.scheduler_file:
-        from distributed import LocalCluster
-
-        # Worker processes (not threads): DoFns hold the GIL, and this is what a real cluster
-        # does. The dashboard is off: it needs bokeh and a port, neither wanted for one run.
-        workers = max(1, options.view_as(DirectOptions).direct_num_workers or 1)
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address=None)
-        dask_opts.address = cluster.scheduler_address
+    dask_log = logging.getLogger("distributed")
+    log_level = dask_log.level
+    if not verbose():  # dask logs every connection, worker start and stop at INFO
+        dask_log.setLevel(logging.ERROR)
     result = None
     try:
+        if not dask_opts.address and not dask_opts.scheduler_file:
+            from distributed import LocalCluster
+
+            # Worker processes (not threads): DoFns hold the GIL, and this is what a real cluster
+            # does. The dashboard is off: it needs bokeh, and nobody watches a one-run cluster.
+            workers = max(1, options.view_as(DirectOptions).direct_num_workers or 1)
+            with warnings.catch_warnings():
+                # its status server falls back to a free port when another cluster holds 8787
+                warnings.filterwarnings("ignore", message="Port .* is already in use")
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                       host="127.0.0.1", dashboard_address=None)
+            dask_opts.address = cluster.scheduler_address
         p = beam.Pipeline(options=options)
         build(p)
         if progress_dir is not None:
@@ -190,6 +202,7 @@ def _run_on_dask(build: Callable[[beam.Pipeline], Any], options: PipelineOptions
         if cluster is not None:
             dask_opts.address = None
             cluster.close()
+        dask_log.setLevel(log_level)
     return result
 
 
