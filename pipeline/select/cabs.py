@@ -607,7 +607,8 @@ def _dm_kernel(ptr, cl, candidates, terms, b, paper, target, targets, inv_freq, 
     of the Python greedy (:func:`_lazy_greedy` with ``on_pick``), so the floats and therefore the
     picks are the same. ``paper``: terms of distinct concepts, real target ``target``;
     otherwise per-instance counts, integer ``targets`` (as floats) and the ``cap``. Returns the
-    picks and gains (the first ``done`` entries) and the per-concept counts.
+    picks and gains (the first ``done`` entries), ``done``, the per-concept counts and the number
+    of stale re-scores.
     """
     n = ptr.shape[0] - 1
     n_concepts = terms.shape[0] - 1
