@@ -76,6 +76,20 @@ def test_several_datasets_get_one_curated_set_each():
     assert _problems(raw) == ["datasets[1].dataset: 'demo_chat' is already datasets[0]"]
 
 
+def test_llm_annotators_need_no_embed_step_and_resolve_their_cache_path():
+    raw = _raw()
+    llm = {"annotator": "llm", "endpoint": "http://localhost:8000/v1", "model": "m", "cache": "cache/llm.sqlite"}
+    raw["steps"] = [{"step": "tags", **llm}, {"step": "quality", **llm}]
+    raw["selection"]["keep_near_duplicates"] = True
+    spec = validate_spec(raw, base_dir=EXAMPLES)
+    assert [s.impl for s in spec.steps] == ["llm_tags", "llm_quality"]
+    assert spec.step("tags").params["cache"] == str(EXAMPLES / "cache" / "llm.sqlite")
+    assert spec.step("tags").params["timeout"] == pytest.approx(60.0)  # the registry's default
+    del raw["steps"][0]["endpoint"]
+    assert _problems(raw) == ["steps[0].endpoint: required field is missing "
+                              "(base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1)"]
+
+
 def test_internal_fields_cannot_be_written_in_a_spec():
     raw = _raw()
     raw["steps"][1] = {"step": "tags", "impl": "llm_tags", "params": {}}
