@@ -86,8 +86,8 @@ def test_llm_annotators_need_no_embed_step_and_resolve_their_cache_path():
     assert spec.step("tags").params["cache"] == str(EXAMPLES / "cache" / "llm.sqlite")
     assert spec.step("tags").params["timeout"] == pytest.approx(60.0)  # the registry's default
     del raw["steps"][0]["endpoint"]
-    assert _problems(raw) == ["steps[0].endpoint: required field is missing "
-                              "(base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1)"]
+    assert _problems(raw) == [("steps[0].endpoint: required field is missing "
+                               "(base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1)")]
 
 
 def test_internal_fields_cannot_be_written_in_a_spec():
