@@ -329,7 +329,8 @@ SELECTORS = Registry("selector", (
               Param("sample_kind", str, "instruction", "catalog input: sample kind", KINDS),
               Param("variant", str, "multilevel", choices=("minibatch", "hash", "multilevel", "multiview", "knn")),
               Param("reduction", float, 0.96),
-              Param("scoring", str, "same_class", choices=("same_class", "other_class", "all")),
+              Param("scoring", str, "same_class_coverage",  # wins vs baselines: docs/gais.md (issue 12)
+                    choices=("same_class_coverage", "same_class", "other_class", "all")),
               Param("seed", int, 0),
               Param("scale", bool, True, "standardise the features first"))),
 ))
