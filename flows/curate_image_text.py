@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows.ingest import IngestSpec, ingest_task
+from flows.report import report_task
 from pipeline.registry import ANNOTATORS, EMBEDDERS, EXPORTERS
 
 RETRIES = {"retries": 2, "retry_delay_seconds": 5}
@@ -100,4 +101,5 @@ def curate_image_text(spec: IngestSpec, catalog: str, model_name: str = "ViT-B-3
         "near_dups": near_dup, "mode": mode, "filter_ratio": filter_ratio, "superbatch": superbatch,
         "fit_superbatch": True, "steps": steps, "seed": seed})
     out["export"] = export_task(catalog, spec.dataset, name, str(Path(catalog) / "exports" / name))
+    out["report"] = report_task(catalog, spec.dataset, name, force)
     return out

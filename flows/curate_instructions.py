@@ -17,6 +17,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows.ingest import IngestSpec, ingest_task
+from flows.report import report_task
 from pipeline.registry import ANNOTATORS, EMBEDDERS, EXPORTERS
 
 RETRIES = {"retries": 2, "retry_delay_seconds": 5}
@@ -120,4 +121,5 @@ def curate_instructions(spec: IngestSpec, catalog: str, budget: int, name: str |
         catalog, spec.dataset, "mig", name, {"budget": budget, "fit_budget": True, "near_dups": f"near_dup_{model}"})
     out["curate"] = curate_task(catalog, spec.dataset, name, name, str(Path(catalog) / "exports" / name),
                                 list(export_formats))
+    out["report"] = report_task(catalog, spec.dataset, name, force)
     return out

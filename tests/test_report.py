@@ -26,6 +26,8 @@ def catalog(tmp_path_factory, demo_data):
     from flows.curate_instructions import curate_instructions
     from pipeline.embed.clip import TINY_MODEL, register_tiny_config
 
+    from prefect.client.orchestration import get_client
+
     root = tmp_path_factory.mktemp("report") / "cat"
     register_tiny_config()
     with prefect_test_harness(server_startup_timeout=120):
@@ -35,7 +37,12 @@ def catalog(tmp_path_factory, demo_data):
         curate_image_text(IngestSpec("nlvr", [str(demo_data / "image_text" / "nlvr_dev")], kind="image_text",
                                      container="nlvr"),
                           str(root), model_name=TINY_MODEL, superbatch=50, filter_ratio=0.8, steps=3)
+        with get_client(sync_client=True) as client:
+            ARTIFACTS.extend(client.read_artifacts())
     return root
+
+
+ARTIFACTS: list = []  # the flow runs' artifacts, read while the fixture's Prefect API was up
 
 
 def _selection_named(root, prefix: str) -> str:
@@ -61,8 +68,24 @@ def test_image_report_compares_cabs_with_iid(catalog):
     assert all(s["cabs_distinct"] > 0 and s["iid_distinct"] > 0 for s in d.cabs_steps)
 
 
+def test_flows_write_the_report_and_attach_its_summary(catalog):
+    assert (catalog / "reports" / "small--small20.html").is_file()
+    summaries = {a.key: a.data for a in ARTIFACTS if a.type == "markdown"}
+    assert "report-small-small20" in summaries and "| selected | 20 (9.5%) |" in summaries["report-small-small20"]
+    assert any(key.startswith("report-nlvr-nlvr-cabs") for key in summaries)
+
+
+def test_unchanged_inputs_skip_and_changed_ones_redraw(catalog, tmp_path):
+    out = tmp_path / "r.html"
+    assert build_report(catalog, "small", "small20", out, force=False)[1] is not None
+    assert build_report(catalog, "small", "small20", out, force=False)[1] is None  # same inputs: kept
+    picks = catalog / "selections" / "small20" / "picks.parquet"
+    picks.touch()  # a recommitted selection changes the inputs' fingerprint
+    assert build_report(catalog, "small", "small20", out, force=False)[1] is not None
+
+
 def test_page_is_self_contained(catalog, tmp_path):
-    out = build_report(catalog, "nlvr", _selection_named(catalog, "nlvr_cabs"), tmp_path / "r.html")
+    out, _ = build_report(catalog, "nlvr", _selection_named(catalog, "nlvr_cabs"), tmp_path / "r.html")
     page = out.read_text()
     # nothing is fetched when the page is opened: no external scripts, styles or images
     assert not re.search(r"""<(script|link|img)[^>]+(src|href)=["']?(https?:)?//""", page)
@@ -82,7 +105,7 @@ def test_cli_writes_into_the_catalog_and_explains_bad_names(catalog, capsys):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (Debian: apt-get install chromium)")
 def test_renders_in_headless_chromium_without_console_errors(catalog, tmp_path):
-    out = build_report(catalog, "small", "small20", tmp_path / "r.html")
+    out, _ = build_report(catalog, "small", "small20", tmp_path / "r.html")
     figures = out.read_text().count("<div class='figure'>")
     assert figures >= 7  # accounting, lengths, quality, tags, gain curve, E(D), map (+ rejects if any)
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr",

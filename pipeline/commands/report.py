@@ -21,6 +21,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from pipeline.report import build_report
 
-    path = build_report(args.catalog, args.dataset, args.selection, args.out)
+    path, _ = build_report(args.catalog, args.dataset, args.selection, args.out)
     print(f"report: {path}")
     return 0

@@ -11,6 +11,8 @@ from pathlib import Path
 from pipeline.report import figures
 from pipeline.report.collect import MEMBERS_SHOWN, ReportData
 
+FINGERPRINT_META = "thresher-inputs"  # the inputs' fingerprint, early in <head> so a skip reads 2 KB
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #212529; }
 h1 { margin-bottom: .2rem; } .sub { color: #6c757d; margin-top: 0; }
@@ -22,7 +24,8 @@ tr:nth-child(even) { background: #f1f3f5; } .num { text-align: right; font-varia
 """
 
 
-def _summary(d: ReportData) -> str:
+def summary_rows(d: ReportData) -> list[tuple[str, str]]:
+    """The key figures, as (label, value) pairs: the page's first table and the flow's artifact."""
     rows = [("dataset", d.dataset), ("kind", d.kind), ("input rows", f"{d.accounting['rows_in']:,}"),
             ("samples", f"{d.n_samples:,}"), ("rejects", f"{d.accounting['rejects']:,}"),
             ("exact duplicates", f"{d.accounting['duplicates']:,}")]
@@ -32,7 +35,12 @@ def _summary(d: ReportData) -> str:
         if key in d.selection_report:
             value = d.selection_report[key]
             rows.append((key.replace("_", " "), f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"))
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td class='num'>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return rows
+
+
+def _summary(d: ReportData) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td class='num'>{html.escape(str(v))}</td></tr>"
+                   for k, v in summary_rows(d))
     return f"<table>{body}</table>"
 
 
@@ -57,20 +65,22 @@ def _groups(d: ReportData) -> str:
     return "".join(parts)
 
 
-def render(d: ReportData) -> str:
+def render(d: ReportData, fingerprint: str = "") -> str:
     import plotly.offline
 
     figs = [f for f in (make(d) for make in figures.ALL) if f is not None]
     divs = "".join(f"<div class='figure'>{fig.to_html(full_html=False, include_plotlyjs=False)}</div>" for fig in figs)
     title = f"Thresher report: {d.dataset}" + (f" / {d.selection}" if d.selection else "")
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f'<meta name="{FINGERPRINT_META}" content="{html.escape(fingerprint, quote=True)}">'
+            f"<title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style><script>{plotly.offline.get_plotlyjs()}</script></head><body>"
             f"<h1>{html.escape(title)}</h1><p class='sub'>catalog {html.escape(d.catalog)} &middot; {stamp}</p>"
             f"{_summary(d)}{divs}{_groups(d)}</body></html>")
 
 
-def write(d: ReportData, path: str | Path) -> Path:
+def write(d: ReportData, path: str | Path, fingerprint: str = "") -> Path:
     """Write the page atomically (a reader never sees half a report)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +88,7 @@ def write(d: ReportData, path: str | Path) -> Path:
     os.chmod(tmp, 0o644)  # a page to share, not a secret (mkstemp makes it 0600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(render(d))
+            f.write(render(d, fingerprint))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
