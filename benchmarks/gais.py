@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -145,7 +144,7 @@ def run_in_subprocess(args: argparse.Namespace, variant: str, n: int) -> dict:
            "--test-size", str(args.test_size), "--train-mode", args.train_mode,
            "--batch-nodes", str(args.batch_nodes)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
     if proc.returncode != 0:
         return {"variant": variant, "n": n, "error": proc.stderr.strip().splitlines()[-1:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -160,8 +159,8 @@ def loglog_slope(ns: list[int], ts: list[float]) -> float:
 
 
 def report(results: list[dict], sizes: list[int]) -> str:
-    lines = ["| variant | N | graph s | GAT train s | attention s | score+select s | total s | "
-             "peak RSS GiB | edges | GAT mode | 1-NN GAIS | 1-NN random |",
+    lines = [("| variant | N | graph s | GAT train s | attention s | score+select s | total s | "
+              "peak RSS GiB | edges | GAT mode | 1-NN GAIS | 1-NN random |"),
              "|" + "---|" * 12]
     for r in results:
         if "error" in r:

@@ -145,7 +145,7 @@ def test_auto_mode_switches_to_cluster_for_big_graphs(graph_data):
 
 
 def test_train_gat_rejects_bad_edges(graph_data):
-    X, y, g = graph_data
+    X, y, _ = graph_data
     with pytest.raises(ValueError, match="self loops"):
         train_gat(X, y, np.array([0, 1]), np.array([0, 2]), FAST)
     with pytest.raises(ValueError, match="endpoints"):
@@ -252,8 +252,8 @@ def test_gais_select_validates_arguments():
 
 # ------------------------------------------------------------ coverage extension (coverage.py)
 
-from pipeline.select.gais import GAIS_SCORINGS, coverage_select  # noqa: E402
-from pipeline.select.gais.coverage import (  # noqa: E402
+from pipeline.select.gais import GAIS_SCORINGS, coverage_select
+from pipeline.select.gais.coverage import (
     attention_weights,
     greedy_weighted_kmedian,
     pca_tree_blocks,

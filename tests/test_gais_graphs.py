@@ -135,7 +135,7 @@ def test_knn_matches_brute_force():
 
 
 def test_hash_singletons_are_attached_through_coarser_codes():
-    X, y = blobs(60, seed=4)
+    X, _ = blobs(60, seed=4)
     # 6 bits for 60 points: most buckets hold one or two points.
     g = build_graph(X, "hash", HashConfig(n_bits=6, k=3, min_neighbors=2), seed=0)
     assert g.stats["n_orphans"] > 0
@@ -144,7 +144,7 @@ def test_hash_singletons_are_attached_through_coarser_codes():
 
 
 def test_multilevel_links_neighbouring_fine_buckets(data):
-    X, y = data
+    X, _ = data
     g = build_graph(X, "multilevel", CONFIGS["multilevel"], seed=0)
     assert g.stats["max_fine_bits"] >= 1
     assert g.stats["n_cross_edges"] > 0
@@ -156,7 +156,7 @@ def test_multilevel_links_neighbouring_fine_buckets(data):
 
 def test_hash_neighbours_are_mostly_near():
     """LSH buckets should keep neighbours much closer than random pairs."""
-    X, y = blobs(900, seed=9)
+    X, _ = blobs(900, seed=9)
     g = build_graph(X, "hash", CONFIGS["hash"], seed=0)
     edge_d = np.linalg.norm(X[g.src] - X[g.dst], axis=1).mean()
     rng = np.random.default_rng(0)

@@ -71,7 +71,7 @@ def test_records_cover_every_method_fold_and_classifier():
 
 def test_keeping_everything_scores_like_the_full_set():
     X, y = load_dataset("iris")
-    keep_all = lambda X_tr, y_tr, seed: np.ones(y_tr.size, dtype=bool)  # noqa: E731
+    keep_all = lambda X_tr, y_tr, seed: np.ones(y_tr.size, dtype=bool)
     records = evaluate_selectors(X, y, {"all": keep_all}, n_folds=3, random_repeats=1)
     for clf in ("1nn", "logreg"):
         full = [r.accuracy for r in records if r.method == "full" and r.classifier == clf]
@@ -161,8 +161,8 @@ def test_iris_same_class_attention_beats_boundary_attention():
 
 # ------------------------------------------------------------------ classical baselines
 
-from pipeline.evaluate import comparison  # noqa: E402
-from pipeline.evaluate.baselines import (  # noqa: E402
+from pipeline.evaluate import comparison
+from pipeline.evaluate.baselines import (
     SELF_SIZED,
     SIZE_MATCHED,
     cnn_mask,
@@ -173,7 +173,7 @@ from pipeline.evaluate.baselines import (  # noqa: E402
     kmedoids_mask,
     quota_counts,
 )
-from pipeline.evaluate.instance_selection import SummaryRow, build_selectors  # noqa: E402
+from pipeline.evaluate.instance_selection import SummaryRow, build_selectors
 
 
 def _three_blobs(seed: int = 0):

@@ -23,7 +23,7 @@ so counts match GAIS's class by class.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

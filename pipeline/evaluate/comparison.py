@@ -12,8 +12,8 @@ that a float rounding difference cannot flip a tie.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

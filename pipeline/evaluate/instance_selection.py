@@ -26,8 +26,8 @@ import sys
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -162,7 +162,8 @@ def evaluate_selectors(
         n_train = train.size
 
         def record(method: str, mask: np.ndarray, select_s: float,
-                   scores: dict[str, tuple[float, float]]) -> None:
+                   scores: dict[str, tuple[float, float]], fold: int = fold,
+                   n_train: int = n_train) -> None:
             for clf in classifiers:
                 acc, f1 = scores[clf]
                 records.append(FoldRecord(
@@ -303,7 +304,13 @@ def build_selectors(variants: Sequence[str], scorings: Sequence[str], baselines:
 def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.evaluate import comparison
     from pipeline.evaluate.baselines import SELF_SIZED, SIZE_MATCHED
-    from pipeline.select.gais import EXTENSIONS, GAIS_SCORINGS, SCORING_RULES, VARIANTS, GATConfig
+    from pipeline.select.gais import (
+        EXTENSIONS,
+        GAIS_SCORINGS,
+        SCORING_RULES,
+        VARIANTS,
+        GATConfig,
+    )
 
     all_baselines = [*SIZE_MATCHED, *SELF_SIZED]
     parser = argparse.ArgumentParser(

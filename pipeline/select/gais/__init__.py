@@ -1,5 +1,6 @@
 """GAIS: graph attention-based instance selection (see docs/gais.md)."""
 
+from pipeline.select.gais.coverage import coverage_select
 from pipeline.select.gais.gat import (
     GAT,
     GATConfig,
@@ -26,7 +27,6 @@ from pipeline.select.gais.graphs import (
     multiview_graph,
     symmetrize,
 )
-from pipeline.select.gais.coverage import coverage_select
 from pipeline.select.gais.selection import (
     EXTENSIONS,
     GAIS_SCORINGS,
@@ -39,11 +39,35 @@ from pipeline.select.gais.selection import (
 )
 
 __all__ = [
-    "EXTENSIONS", "GAIS_SCORINGS", "coverage_select",
-    "GAISResult", "GAT", "GATConfig", "GATLayer", "GATResult", "Graph", "GraphConfig",
-    "HashConfig", "KNNConfig", "MiniBatchConfig", "MultiLevelConfig", "MultiViewConfig",
-    "SCORING_RULES", "VARIANTS", "attention_scores", "build_graph", "default_config",
-    "gais_select", "hash_graph", "knn_graph", "minibatch_graph", "multilevel_graph",
-    "multiview_graph", "per_class_quota", "segment_softmax", "select_top_per_class",
-    "symmetrize", "train_gat",
+    "EXTENSIONS",
+    "GAIS_SCORINGS",
+    "GAT",
+    "SCORING_RULES",
+    "VARIANTS",
+    "GAISResult",
+    "GATConfig",
+    "GATLayer",
+    "GATResult",
+    "Graph",
+    "GraphConfig",
+    "HashConfig",
+    "KNNConfig",
+    "MiniBatchConfig",
+    "MultiLevelConfig",
+    "MultiViewConfig",
+    "attention_scores",
+    "build_graph",
+    "coverage_select",
+    "default_config",
+    "gais_select",
+    "hash_graph",
+    "knn_graph",
+    "minibatch_graph",
+    "multilevel_graph",
+    "multiview_graph",
+    "per_class_quota",
+    "segment_softmax",
+    "select_top_per_class",
+    "symmetrize",
+    "train_gat",
 ]

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -162,7 +162,7 @@ class EdgePlan:
     def build(src: np.ndarray, dst: np.ndarray, n: int, device: torch.device) -> EdgePlan:
         """``src``/``dst`` must already be sorted by (dst, src)."""
         t_perm = np.lexsort((dst, src))
-        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
         return EdgePlan(
             n=n, src=as_t(src), dst=as_t(dst), crow=as_t(_crow(dst, n)),
             t_perm=as_t(t_perm), t_crow=as_t(_crow(src[t_perm], n)), t_col=as_t(dst[t_perm]),

@@ -16,9 +16,9 @@ is an offset of the hyperplanes, not a rescaling: feature scaling is the caller'
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -106,7 +106,7 @@ class KNNConfig:
     k: int = 10
 
 
-GraphConfig = Union[MiniBatchConfig, HashConfig, MultiLevelConfig, MultiViewConfig, KNNConfig]
+GraphConfig = MiniBatchConfig | HashConfig | MultiLevelConfig | MultiViewConfig | KNNConfig
 
 _CONFIG_TYPES: dict[str, type] = {
     "minibatch": MiniBatchConfig,
@@ -675,7 +675,7 @@ def _auto_bits(n: int, n_bits: int | None, target: int, *, minimum: int) -> int:
     if n_bits is None:
         if target < 1:
             raise ValueError(f"target bucket size must be at least 1, got {target}")
-        n_bits = int(round(math.log2(max(n / target, 1.0))))
+        n_bits = round(math.log2(max(n / target, 1.0)))
     n_bits = max(minimum, int(n_bits))
     if n_bits > _MAX_BITS:
         raise ValueError(f"n_bits must be at most {_MAX_BITS} (codes are int64), got {n_bits}")

@@ -182,7 +182,7 @@ def per_class_quota(y_codes: np.ndarray, reduction: float) -> np.ndarray:
     if np.any(sizes == 0):
         raise ValueError("class codes must be 0..C-1 with every class present")
     n, n_classes = int(sizes.sum()), sizes.size
-    total = min(n, max(n_classes, int(round(n * (1.0 - reduction)))))
+    total = min(n, max(n_classes, round(n * (1.0 - reduction))))
     ideal = sizes * (total / n)
     quota = np.clip(np.floor(ideal).astype(np.int64), 1, sizes)
     # Largest remainder, in two directions: the floor/1-clip can leave the sum below or above.
