@@ -5,6 +5,10 @@ through their public entry points with ``--runner dask --dask_client_address tcp
 their outputs are compared with the in-process runner's: same tables, same rows, same row
 accounting (counted from what the job wrote: Dask reports no metrics), vectors equal within
 float tolerance (the Dask workers run torch on one thread, the in-process runner on all cores).
+The quick test runs ``thresher ingest`` and ``thresher embed`` on the cluster; the full
+comparison of every stage is marked ``slow`` (about 3 minutes on 2 busy cores, 6 with tags and
+CLIP concepts, whose set-up embeds a whole vocabulary in every worker): ``pytest -m slow
+tests/test_dask_cluster.py``.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from pipeline.stages.instruction_annotations import run_quality_annotation, run_
 from pipeline.stages.runner import DASK_RUNNER, make_pipeline_options  # noqa: E402
 
 START_TIMEOUT_S = 90
-INSTRUCTION_FILES = ["mt_bench_questions.jsonl.gz", "self_instruct_seed_tasks.jsonl.gz",
-                     "sharegpt_dummy_conversations.json.gz"]
+# Two small files (70 rows): two units of work for ingest; three shards for the later stages.
+INSTRUCTION_FILES = ["mt_bench_questions.jsonl.gz", "self_instruct_seed_tasks.jsonl.gz"]
 
 
 def _wait_for(path: Path, procs: list[subprocess.Popen], what: str) -> None:
@@ -131,13 +135,19 @@ def _run_all(root: Path, demo: Path, beam_args: list[str]) -> dict:
            "images": run_ingest([str(demo / "image_text" / "small_dupes")], root, "dupes", kind="image_text",
                                 container="image_folder", num_shards=2, beam_args=beam_args)}
     out["text"] = run_text_embedding(root, "mix", beam_args=beam_args, batch_size=16)
-    out["tags"] = run_tag_annotation(root, "mix", beam_args=beam_args)
     out["quality"] = run_quality_annotation(root, "mix", beam_args=beam_args)
     out["clip"] = run_clip_embedding(root, "dupes", TINY_MODEL, batch_size=4, beam_args=beam_args)
     out["caption_concepts"] = run_caption_concepts(root, "dupes", beam_args=beam_args)
-    out["clip_concepts"] = run_clip_concepts(root, "dupes", TINY_MODEL, None, top_k=2, threshold=0.0,
-                                             beam_args=beam_args)
     return out
+
+
+@pytest.fixture(scope="module")
+def both_runners(dask_cluster, demo_data, tmp_path_factory) -> tuple[dict, dict]:
+    """The same stages in-process and on the cluster, each into its own catalog."""
+    local = _run_all(tmp_path_factory.mktemp("local"), demo_data, [])
+    dask = _run_all(tmp_path_factory.mktemp("dask"), demo_data,
+                    ["--runner", "dask", "--dask_client_address", dask_cluster])
+    return local, dask
 
 
 def test_short_runner_name_becomes_beams_dask_runner():
@@ -149,32 +159,72 @@ def test_short_runner_name_becomes_beams_dask_runner():
         "partition_size"] is None
 
 
-def test_every_stage_on_a_dask_cluster_matches_the_in_process_runner(dask_cluster, demo_data, tmp_path):
-    local = _run_all(tmp_path / "local", demo_data, [])
-    t0 = time.perf_counter()
-    dask = _run_all(tmp_path / "dask", demo_data, ["--runner", "dask", "--dask_client_address", dask_cluster])
-    print(f"all stages on the Dask cluster: {time.perf_counter() - t0:.1f}s")
-    a, b = Catalog.at(tmp_path / "local"), Catalog.at(tmp_path / "dask")
-
+@pytest.mark.slow
+def test_ingest_on_dask_writes_the_same_tables_and_accounts_for_every_row(both_runners):
+    local, dask = both_runners
+    a, b = Path(local["ingest"].catalog), Path(dask["ingest"].catalog)
     for key in ("ingest", "images"):
         # rows in = samples + rejects + duplicates, counted from the job's own records
         assert dask[key].counts == local[key].counts and not dask[key].skipped
         assert dask[key].counts["rows_in"] > 0
     for table in ("samples/instruction/dataset=mix", "samples/image_text/dataset=dupes",
                   "rejects/dataset=mix", "duplicates/dataset=mix", "duplicates/dataset=dupes"):
-        if (a.root / table).is_dir() or (b.root / table).is_dir():
-            _assert_same_tables(a.root / table, b.root / table)
+        if (a / table).is_dir() or (b / table).is_dir():
+            _assert_same_tables(a / table, b / table)
 
+
+@pytest.mark.slow
+def test_embedding_stages_on_dask_match_the_in_process_runner(both_runners):
+    local, dask = both_runners
     assert dask["text"].rows == local["text"].rows == local["ingest"].counts["samples"]
     assert dask["text"].weights_digest == local["text"].weights_digest
     _assert_same_embeddings(Path(local["text"].output), Path(dask["text"].output))
-
-    for key in ("tags", "quality", "caption_concepts", "clip_concepts"):
-        assert (dask[key].rows_in, dask[key].rows_out) == (local[key].rows_in, local[key].rows_out), key
-        _assert_same_tables(Path(local[key].output), Path(dask[key].output))
-
     for part in ("image", "text"):
         res_a, res_b = getattr(local["clip"], part), getattr(dask["clip"], part)
         assert res_a.rows == res_b.rows == local["images"].counts["samples"]
         _assert_same_embeddings(Path(res_a.output), Path(res_b.output))
     _assert_same_tables(Path(local["clip"].clip_score_output), Path(dask["clip"].clip_score_output))
+
+
+@pytest.mark.slow
+def test_shard_stages_on_dask_match_the_in_process_runner(both_runners):
+    local, dask = both_runners
+    for key in ("quality", "caption_concepts"):
+        assert (dask[key].rows_in, dask[key].rows_out) == (local[key].rows_in, local[key].rows_out), key
+        assert dask[key].rows_out == dask[key].rows_in > 0 and not dask[key].skipped
+        _assert_same_tables(Path(local[key].output), Path(dask[key].output))
+
+
+@pytest.mark.slow
+def test_model_loading_shard_stages_on_dask_match_the_in_process_runner(both_runners, dask_cluster):
+    """Tags and CLIP concepts: each worker embeds the whole vocabulary in its set-up (slow on 2 cores)."""
+    local, dask = both_runners
+    on_dask = ["--runner", "dask", "--dask_client_address", dask_cluster]
+    for run in (lambda root, args: run_tag_annotation(root, "mix", beam_args=args),
+                lambda root, args: run_clip_concepts(root, "dupes", TINY_MODEL, None, top_k=2, threshold=0.0,
+                                                     beam_args=args)):
+        a = run(Path(local["ingest"].catalog), [])
+        b = run(Path(dask["ingest"].catalog), on_dask)
+        assert a.rows_in == b.rows_in == a.rows_out == b.rows_out > 0 and not b.skipped
+        _assert_same_tables(Path(a.output), Path(b.output))
+
+
+def test_thresher_cli_ingests_and_embeds_on_the_cluster(dask_cluster, tmp_path, capsys):
+    """The quick check (the full comparison is slow): ingest and the text embedding via ``thresher``."""
+    from pipeline.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"instruction": "Say hi.", "output": "Hi!"}\n{"instruction": "Add 2 and 2.", "output": "4"}\n'
+                   '{"instruction": "Say hi.", "output": "Hi!"}\nnot json\n'
+                   '{"instruction": "Name a colour.", "output": "Blue."}\n')
+    on_dask = ["--runner", "dask", "--dask_client_address", dask_cluster]
+    cat = tmp_path / "dask"
+    assert main(["ingest", str(src), "--catalog", str(cat), "--dataset", "d", "--shards", "2", *on_dask]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[-1] for line in out.splitlines()[1:5]] == ["5", "3", "1", "1"]  # in, samples, rejects, dupes
+    assert main(["embed", "--catalog", str(cat), "--dataset", "d", *on_dask]) == 0
+    run_ingest([str(src)], tmp_path / "local", "d", num_shards=2)
+    local = run_text_embedding(tmp_path / "local", "d")
+    _assert_same_tables(Catalog.at(tmp_path / "local").samples_partition("instruction", "d"),
+                        Catalog.at(cat).samples_partition("instruction", "d"))
+    _assert_same_embeddings(Path(local.output), Catalog.at(cat).embedding_partition(Path(local.output).parent.name, "d"))
