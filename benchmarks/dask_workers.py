@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import numpy as np  # noqa: E402
-from peak_rss import PeakRss  # noqa: E402
+import numpy as np
+from peak_rss import PeakRss
 
 SOURCES = ["gsm8k_train.jsonl.gz", "self_instruct_t0_train.jsonl.gz"]
 

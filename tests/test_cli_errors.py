@@ -66,12 +66,12 @@ def test_beam_values_and_runner_names_are_checked():
 
 
 def test_the_dask_runner_without_dask_installed_is_a_clear_error(monkeypatch):
-    import pipeline.stages.runner as runner
+    from pipeline.stages import runner
 
     monkeypatch.setattr(runner, "DASK_MODULES", ("dask", "no_such_module_for_the_test"))
     assert check_extra_args(["--runner", "dask"], [], True) == [
-        "--runner dask needs dask[distributed] (no_such_module_for_the_test not installed): "
-        "pip install 'dask[distributed]'"]
+        ("--runner dask needs dask[distributed] (no_such_module_for_the_test not installed): "
+         "pip install 'dask[distributed]'")]
     with pytest.raises(RuntimeError, match="needs dask"):
         runner.make_pipeline_options(1, ["--runner", "dask"])
     assert check_extra_args(["stray"], [], True) == ["unexpected argument 'stray'"]

@@ -27,13 +27,20 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from pipeline.embed.clip import TINY_MODEL  # noqa: E402
-from pipeline.io.catalog import Catalog  # noqa: E402
-from pipeline.stages.concepts import run_caption_concepts, run_clip_concepts  # noqa: E402
-from pipeline.stages.embeddings import read_embeddings, run_clip_embedding, run_text_embedding  # noqa: E402
-from pipeline.stages.ingest import run_ingest  # noqa: E402
-from pipeline.stages.instruction_annotations import run_quality_annotation, run_tag_annotation  # noqa: E402
-from pipeline.stages.runner import DASK_RUNNER, make_pipeline_options  # noqa: E402
+from pipeline.embed.clip import TINY_MODEL
+from pipeline.io.catalog import Catalog
+from pipeline.stages.concepts import run_caption_concepts, run_clip_concepts
+from pipeline.stages.embeddings import (
+    read_embeddings,
+    run_clip_embedding,
+    run_text_embedding,
+)
+from pipeline.stages.ingest import run_ingest
+from pipeline.stages.instruction_annotations import (
+    run_quality_annotation,
+    run_tag_annotation,
+)
+from pipeline.stages.runner import DASK_RUNNER, make_pipeline_options
 
 START_TIMEOUT_S = 90
 # Two small files (70 rows): two units of work for ingest; three shards for the later stages.
@@ -58,36 +65,35 @@ def dask_cluster(tmp_path_factory):
     scheduler_file = folder / "scheduler.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     procs: list[subprocess.Popen] = []
-    log = open(folder / "cluster.log", "wb")  # noqa: SIM115 - closed in the finally below
-    try:
-        # --port 0: the scheduler picks a free port and writes its address to the scheduler file.
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-             "--no-dashboard", "--scheduler-file", str(scheduler_file)],
-            cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT))
-        _wait_for(scheduler_file, procs, "scheduler")
-        for i in range(2):
+    with open(folder / "cluster.log", "wb") as log:
+        try:
+            # --port 0: the scheduler picks a free port and writes its address to the scheduler file.
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
-                 "--host", "127.0.0.1", "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
-                 "--local-directory", str(folder / f"worker{i}"), "--name", f"w{i}"],
+                [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+                 "--no-dashboard", "--scheduler-file", str(scheduler_file)],
                 cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT))
-        with Client(scheduler_file=str(scheduler_file), timeout=START_TIMEOUT_S) as client:
-            client.wait_for_workers(2, timeout=START_TIMEOUT_S)
-            address = client.scheduler.address
-            pids = client.run(os.getpid)
-        assert len(set(pids.values()) | {os.getpid()}) == 3  # two worker processes, neither of them us
-        yield address
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        log.close()
+            _wait_for(scheduler_file, procs, "scheduler")
+            for i in range(2):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
+                     "--host", "127.0.0.1", "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+                     "--local-directory", str(folder / f"worker{i}"), "--name", f"w{i}"],
+                    cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT))
+            with Client(scheduler_file=str(scheduler_file), timeout=START_TIMEOUT_S) as client:
+                client.wait_for_workers(2, timeout=START_TIMEOUT_S)
+                address = client.scheduler.address
+                pids = client.run(os.getpid)
+            assert len(set(pids.values()) | {os.getpid()}) == 3  # two worker processes, neither of them us
+            yield address
+        finally:
+            for p in reversed(procs):
+                p.terminate()
+            for p in reversed(procs):
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
 
 
 def _tables(partition: Path) -> dict[str, pa.Table]:
