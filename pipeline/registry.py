@@ -346,8 +346,11 @@ EXPORTERS = Registry("exporter", (
           "pipeline.curate.materialise:export_alpaca", (_ROWS_PER_FILE,), group="curated"),
     Entry("exporter", "openai", "instruction", "OpenAI chat JSONL (messages: role/content)",
           "pipeline.curate.materialise:export_openai", (_ROWS_PER_FILE,), group="curated"),
-    Entry("exporter", "parquet", "instruction", "the curated rows as one Parquet file",
+    Entry("exporter", "parquet", "instruction", "the curated rows with an assistant answer as Parquet (messages: role/content)",
           "pipeline.curate.materialise:export_parquet", (_ROWS_PER_FILE,), group="curated"),
+    Entry("exporter", "dpo", "instruction", "preference pairs in TRL's conversational format (prompt/chosen/rejected), "
+          "for the rows whose input had a rejected side (hh_rlhf)",
+          "pipeline.curate.materialise:export_dpo", (_ROWS_PER_FILE,), group="curated"),
     Entry("exporter", "webdataset", "image_text", "WebDataset tar shards in batch-plan order (open_clip reads them)",
           "pipeline.curate.webdataset_export:export_webdataset", (
               Param("dataset", str, REQUIRED, "the image-text dataset the plan draws from"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pyarrow as pa
@@ -10,6 +11,7 @@ import pytest
 
 from pipeline import query
 from pipeline.cli import main
+from pipeline.curate.export_card import MANIFEST
 from pipeline.curate.materialise import to_layout
 from pipeline.stages.ingest import run_ingest
 
@@ -42,12 +44,20 @@ def test_export_layouts(curated, tmp_path, fmt):
     out = tmp_path / fmt
     assert main(["export", "--catalog", str(curated), "--curated", "longest", "--format", fmt,
                  "--out", str(out)]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["rows"] + manifest["skipped_without_answer"] == 30
+    assert manifest["filtered"] == ({"no_assistant_answer": manifest["skipped_without_answer"]}
+                                    if manifest["skipped_without_answer"] else {})
     assert sum(manifest["sources"].values()) == manifest["rows"]
     assert manifest["selection"]["dataset"] == "demo"
+    # lineage: every input file with its licence, read from demo_data/instructions/ATTRIBUTION.md
+    srcs = manifest["inputs"]["sources"]
+    assert sum(s["rows"] for s in srcs) == manifest["rows"] and all(s["licence"] in ("MIT", "Apache-2.0") for s in srcs)
+    [rec] = manifest["data_files"]
+    assert rec["sha256"] == hashlib.sha256((out / rec["path"]).read_bytes()).hexdigest() and rec["rows"] == 30 - \
+        manifest["skipped_without_answer"]
     if fmt == "parquet":
-        assert pq.read_table(out / "data.parquet").num_rows == 30
+        assert pq.read_table(out / "data").num_rows == manifest["rows"]
         return
     recs = [json.loads(line) for f in manifest["files"] for line in (out / f).read_text().splitlines()]
     assert len(recs) == manifest["rows"]

@@ -13,6 +13,7 @@ import pytest
 from pipeline import query
 from pipeline.cli import main
 from pipeline.curate import materialise
+from pipeline.curate.export_card import MANIFEST
 from pipeline.curate.materialise import export, materialise_instructions
 from pipeline.curate.webdataset_export import export_plan
 from pipeline.stages.ingest import run_ingest
@@ -37,7 +38,7 @@ def _export(catalog, name, out, *flags, fmt="openai", rows_per_file=10) -> int:
 
 
 def _on_disk_rows(out: Path) -> int:
-    return sum(len(f.read_text().splitlines()) for f in out.glob("*.jsonl"))
+    return sum(len(f.read_text().splitlines()) for f in out.rglob("*.jsonl"))
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -47,14 +48,15 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def test_smaller_reexport_with_overwrite_leaves_no_stale_rows(catalog, tmp_path, capsys):
     out = tmp_path / "exports" / "sft"
     assert _export(catalog, "big", out) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["data-00000.jsonl", "data-00001.jsonl", "data-00002.jsonl",
-                                                     "manifest.json"]
+    assert sorted(p.name for p in (out / "data").iterdir()) == [
+        "train-00000-of-00003.jsonl", "train-00001-of-00003.jsonl", "train-00002-of-00003.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "README.md", "data", "dataset_info.json"]
     assert _on_disk_rows(out) == 30
     assert _export(catalog, "small", out, "--overwrite") == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["curated"] == "small" and manifest["rows"] == 10
     assert _on_disk_rows(out) == manifest["rows"]  # the bug: 30 rows on disk vs 10 in the manifest
-    assert sorted(p.name for p in out.iterdir()) == sorted(manifest["files"] + ["manifest.json"])
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "data").iterdir()) == sorted(manifest["files"])
     assert [p.name for p in out.parent.iterdir()] == ["sft"]  # no staging or old folder left beside it
     capsys.readouterr()
 
@@ -78,15 +80,28 @@ def test_new_or_empty_folder_needs_no_overwrite(catalog, tmp_path):
     m = export(catalog, "small", "sharegpt", empty)
     assert m["rows"] == 10 and _on_disk_rows(empty) == 10
     m = export(catalog, "small", "parquet", tmp_path / "a" / "b" / "new")
-    assert pq.read_table(tmp_path / "a" / "b" / "new" / "data.parquet").num_rows == m["rows"] == 10
+    assert pq.read_table(tmp_path / "a" / "b" / "new" / "data").num_rows == m["rows"] == 10
 
 
 def test_parquet_reexport_replaces_the_folder(catalog, tmp_path):
     out = tmp_path / "pq"
     export(catalog, "big", "openai", out, rows_per_file=7)
     m = export(catalog, "small", "parquet", out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["data.parquet", "manifest.json"]
-    assert pq.read_table(out / "data.parquet").num_rows == m["rows"] == 10
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "README.md", "data"]
+    assert m["files"] == ["data/train-00000-of-00001.parquet"]
+    assert pq.read_table(out / "data").num_rows == m["rows"] == 10
+
+
+def test_an_export_of_the_older_layout_is_replaced(catalog, tmp_path):
+    """Exports made before the card/manifest move kept manifest.json beside flat data files."""
+    out = tmp_path / "old"
+    export(catalog, "small", "openai", out)
+    (out / MANIFEST).rename(out / "manifest.json")
+    (out / "data" / "train-00000-of-00001.jsonl").rename(out / "data-00000.jsonl")
+    (out / "data").rmdir()
+    m = export(catalog, "big", "openai", out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "README.md", "data", "dataset_info.json"]
+    assert _on_disk_rows(out) == m["rows"] == 30
 
 
 @pytest.mark.parametrize("content", ["user files", "foreign manifest", "export with sub-folders"])
@@ -99,7 +114,8 @@ def test_overwrite_never_replaces_a_folder_that_is_not_an_export(catalog, tmp_pa
     if content == "export with sub-folders":  # e.g. --out pointed at a folder someone exported into by hand
         export(catalog, "small", "alpaca", tmp_path / "prev")
         for f in (tmp_path / "prev").iterdir():
-            (home / f.name).write_bytes(f.read_bytes())
+            if f.is_file():
+                (home / f.name).write_bytes(f.read_bytes())
         (home / "projects").mkdir()
         (home / "projects" / "thesis.tex").write_text("important")
     before = _snapshot(home)
@@ -121,7 +137,7 @@ def test_other_unusable_targets_are_refused(catalog, tmp_path):
     link.symlink_to(real)
     with pytest.raises(ValueError, match="symbolic link"):
         export(catalog, "big", "openai", link, overwrite=True)
-    assert json.loads((real / "manifest.json").read_text())["curated"] == "small"
+    assert json.loads((real / MANIFEST).read_text())["curated"] == "small"
 
 
 def test_a_failed_export_leaves_the_previous_one_whole(catalog, tmp_path, monkeypatch):

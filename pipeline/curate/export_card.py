@@ -71,8 +71,10 @@ def config(name: str, files: Sequence[str], split: str = "train") -> dict[str, A
 
 
 def card_text(title: str, configs: Sequence[Mapping[str, Any]], body: str, *,
-              tags: Sequence[str] = (), licences: Sequence[str] = ()) -> str:
-    """A dataset card: YAML header (``configs``, optional ``tags`` / ``license``) + markdown body.
+              tags: Sequence[str] = (), licences: Sequence[str] = (),
+              features: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """A dataset card: YAML header (``configs``, optional ``tags`` / ``license`` /
+    ``dataset_info.features``, in the ``datasets`` YAML form) + markdown body.
 
     ``license`` is set only when every input has the same known licence; mixed or unknown inputs
     are listed in the body instead (a card must not claim one licence for a mix).
@@ -83,6 +85,8 @@ def card_text(title: str, configs: Sequence[Mapping[str, Any]], body: str, *,
         header["license"] = known[0].lower()
     if tags:
         header["tags"] = list(tags)
+    if features:
+        header["dataset_info"] = {"features": [dict(f) for f in features]}
     header["configs"] = [dict(c) for c in configs]
     front = yaml.safe_dump(header, sort_keys=False, allow_unicode=True)
     return f"---\n{front}---\n\n# {title}\n\n{body.rstrip()}\n"
@@ -93,10 +97,12 @@ def _spdx_like(licence: str) -> bool:
 
 
 def write_export_metadata(folder: Path, manifest: Mapping[str, Any], *, title: str,
-                          configs: Sequence[Mapping[str, Any]], body: str, tags: Sequence[str] = ()) -> None:
+                          configs: Sequence[Mapping[str, Any]], body: str, tags: Sequence[str] = (),
+                          features: Sequence[Mapping[str, Any]] | None = None) -> None:
     """Write the card, then the manifest (last: its presence marks a finished export)."""
     licences = [s.get("licence", UNKNOWN_LICENCE) for s in manifest.get("inputs", {}).get("sources", [])]
-    (folder / CARD).write_text(card_text(title, configs, body, tags=tags, licences=licences), encoding="utf-8")
+    (folder / CARD).write_text(card_text(title, configs, body, tags=tags, licences=licences,
+                                                  features=features), encoding="utf-8")
     write_json_atomic(dict(manifest), folder / MANIFEST)
 
 

@@ -3,13 +3,13 @@
 A selection (ordered sample ids with gains, see DataComp) stays separate from the step that
 materialises it: ``materialise_instructions`` joins the picks with the samples and their
 annotations into ``curated/<name>/`` Parquet shards (in rank order), and ``export`` writes those
-as JSONL in the layouts SFT trainers read (ShareGPT, Alpaca, OpenAI messages) or as Parquet, with
-a manifest of parameters, counts and source lineage.
+as JSONL in the layouts SFT trainers read (ShareGPT, Alpaca, OpenAI messages), as Parquet, or as
+TRL preference pairs (dpo), with a dataset card and a manifest (``export_card``); docs/exports.md.
 
 Exports (here and in ``webdataset_export``) are written into a fresh staging folder beside the
 target and renamed into place whole (:func:`staged_export_dir`), so a folder never mixes files of
 two exports: a non-empty target is refused unless ``overwrite=True``, and then it is replaced, not
-merged — and only if it holds a previous Thresher export (a ``manifest.json`` of one).
+merged — and only if it holds a previous Thresher export (a manifest of one).
 """
 
 from __future__ import annotations
@@ -29,18 +29,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
-from pipeline.curate import annotations
+from pipeline.curate import annotations, export_card
 from pipeline.io.catalog import (
     Catalog,
     shard_name,
     write_json_atomic,
     write_parquet_atomic,
 )
+from pipeline.io.instruction_formats import REJECTED_MESSAGES_KEY
 from pipeline.io.runs import StageRun, check_remote_stage
 from pipeline.registry import EXPORTERS
 from pipeline.select import protocol
 
-EXPORT_FORMATS = EXPORTERS.names(group="curated")  # sharegpt, alpaca, openai, parquet
+EXPORT_FORMATS = EXPORTERS.names(group="curated")  # sharegpt, alpaca, openai, parquet, dpo
 
 
 @dataclass
@@ -93,6 +94,8 @@ def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Pat
             return CuratedResult(name, str(cat.curated_dir(name)), c["rows_out"], c.get("shards", 1), c["missing"])
         table = _join(picks_table, samples, tags, quality)
         missing = picks_table.num_rows - table.num_rows
+        # Kept in the curated set (it is the selection, whole) but counted: SFT exports leave them out.
+        answerless = sum(not has_answer(m) for m in table.column("messages").to_pylist())
         n_shards = max(1, -(-table.num_rows // rows_per_shard))
         staging = run.staging["curated"]
         for k in range(n_shards):
@@ -100,9 +103,10 @@ def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Pat
             write_parquet_atomic(part, staging / shard_name(k, n_shards), schemas.CURATED_INSTRUCTIONS)
         write_json_atomic({"dataset": dataset, "picks": str(picks), "algorithm": algorithm,
                            "parameters": parameters or {}, "rows": table.num_rows, "missing": missing,
+                           "without_assistant_answer": answerless,
                            "run_id": run.run_id, **lineage}, staging / "_curated.json")
         run.commit({"rows_in": picks_table.num_rows, "rows_out": table.num_rows, "missing": missing,
-                    "shards": n_shards})
+                    "shards": n_shards, "without_assistant_answer": answerless})
     return CuratedResult(name, str(cat.curated_dir(name)), table.num_rows, n_shards, missing)
 
 
@@ -136,6 +140,14 @@ def _join(picks_table: pa.Table, samples: Path, tags: Path | None, quality: Path
 
 # ------------------------------------------------------------------ export
 
+# Why a row is left out of an export (the manifest's "filtered" and the ledger's counts).
+NO_ANSWER = "no_assistant_answer"  # SFT formats: no user turn answered by the assistant
+NO_REJECTED = "no_rejected_side"  # dpo: the input record had no rejected conversation
+NOT_A_PAIR = "rejected_not_comparable"  # dpo: no shared prompt, or nothing differs after it
+
+DATA_DIR = "data"  # the data files' sub-folder: nothing else in it, so folder loaders read it whole
+DATASET_INFO = "dataset_info.json"  # LLaMA-Factory's dataset registry, written beside the data
+
 
 def _pairs(messages: list[dict]) -> tuple[str | None, list[tuple[str, str]], list[str]]:
     """(system, [(user, assistant), ...], trailing unanswered user turns)."""
@@ -153,8 +165,19 @@ def _pairs(messages: list[dict]) -> tuple[str | None, list[tuple[str, str]], lis
     return system, pairs, pending
 
 
+def has_answer(messages: list[dict]) -> bool:
+    """True when some user turn is answered by the assistant: the one rule every SFT export, the
+    curate counts and the MIG pool share (a conversation without one teaches nothing, and TRL's
+    ``assistant_only_loss`` fails on it)."""
+    return bool(_pairs(messages)[1])
+
+
 def to_layout(row: dict, fmt: str) -> dict | None:
-    """One curated row in a trainer layout; None when it has no assistant answer to learn from."""
+    """One curated row in a trainer layout; None when it has no assistant answer to learn from.
+
+    Every row of a format has the same keys (Alpaca: ``system`` "" and ``history`` [] when the
+    conversation has none), so the files of one export share one schema.
+    """
     messages = row["messages"]
     system, pairs, _ = _pairs(messages)
     if not pairs:
@@ -173,13 +196,34 @@ def to_layout(row: dict, fmt: str) -> dict | None:
     if fmt == "alpaca":
         # Alpaca is single-turn; earlier exchanges go to "history" (the LLaMA-Factory convention).
         *history, (instruction, output) = pairs
-        out = {**meta, "instruction": instruction, "input": "", "output": output}
-        if history:
-            out["history"] = [list(h) for h in history]
-        if system:
-            out["system"] = system
-        return out
+        return {**meta, "instruction": instruction, "input": "", "output": output, "system": system or "",
+                "history": [list(h) for h in history]}
     raise ValueError(f"unknown export format {fmt!r}; choose one of {EXPORT_FORMATS}")
+
+
+def to_preference(row: dict, rejected: list[dict] | None) -> tuple[dict | None, str | None]:
+    """(TRL conversational preference row, None) or (None, the reason it is filtered).
+
+    ``prompt`` is the turns both sides share (ending with a user turn); ``chosen`` / ``rejected``
+    are what follows on each side (in HH-RLHF: the last assistant answer).
+    """
+    chosen = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if not has_answer(chosen):
+        return None, NO_ANSWER
+    if not rejected:
+        return None, NO_REJECTED
+    rejected = [{"role": m["role"], "content": m["content"]} for m in rejected]
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n and chosen[n - 1]["role"] != "user":  # the prompt ends where the answers begin
+        n -= 1
+    tail_c, tail_r = chosen[n:], rejected[n:]
+    if not n or not any(m["role"] == "assistant" for m in tail_c) or not any(m["role"] == "assistant" for m in tail_r) \
+            or tail_c == tail_r:
+        return None, NOT_A_PAIR
+    return {"id": row["sample_id"], "rank": row["rank"], "prompt": chosen[:n], "chosen": tail_c,
+            "rejected": tail_r}, None
 
 
 def _curated_rows(path: Path) -> Iterator[dict]:
@@ -188,17 +232,15 @@ def _curated_rows(path: Path) -> Iterator[dict]:
 
 
 def _looks_like_export(folder: Path) -> bool:
-    """A previous Thresher export: a manifest.json of one (``export`` or ``export_plan``) and no
-    sub-folders (exports never write any; a home or project folder almost always has some)."""
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or "catalog" not in manifest:
+    """A previous Thresher export: a manifest of one (``export`` or ``export_plan``; the hidden
+    ``.manifest.json`` or the older ``manifest.json``) and no sub-folder but ``data/`` (exports
+    write no other; a home or project folder almost always has some)."""
+    manifest = export_card.read_manifest(folder)
+    if manifest is None or "catalog" not in manifest:
         return False
     if not ({"curated", "format", "files"} <= manifest.keys() or {"plan", "shards"} <= manifest.keys()):
         return False
-    return not any(entry.is_dir() for entry in folder.iterdir())
+    return not any(entry.is_dir() and entry.name != DATA_DIR for entry in folder.iterdir())
 
 
 def check_export_target(out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -218,8 +260,8 @@ def check_export_target(out_dir: str | Path, overwrite: bool = False) -> Path:
         raise ValueError(f"{out} is not empty; pass --overwrite to replace it")
     if not _looks_like_export(out):
         raise ValueError(f"{out} is not empty and does not hold a previous Thresher export (no export "
-                         "manifest.json, or it has sub-folders); refusing to replace it even with --overwrite. "
-                         "Choose a new or empty --out folder")
+                         "manifest, or sub-folders other than data/); refusing to replace it even with "
+                         "--overwrite. Choose a new or empty --out folder")
     return out
 
 
@@ -271,14 +313,19 @@ def export_run(cat: Catalog, dataset: str, out: Path, parameters: dict[str, Any]
 
 def export(catalog: str | Path, name: str, fmt: str, out_dir: str | Path, rows_per_file: int = 100_000,
            overwrite: bool = False) -> dict:
-    """Write curated ``name`` to ``out_dir`` in ``fmt`` plus ``manifest.json``; returns the manifest.
+    """Write curated ``name`` to ``out_dir`` in ``fmt``; returns the manifest.
 
-    ``out_dir`` must be new or empty unless ``overwrite``; then a previous export there is replaced
-    whole (see :func:`staged_export_dir`). The run enters the ledger (:func:`export_run`); the
-    manifest carries the export's parameters, its run id and the selection it came from.
+    The folder: ``data/train-NNNNN-of-NNNNN.{jsonl,parquet}``, a dataset card ``README.md`` whose
+    ``configs`` name them (``datasets.load_dataset(out_dir)``), LLaMA-Factory's
+    ``dataset_info.json`` (chat formats) and the hidden ``.manifest.json`` (parameters, counts,
+    rows filtered by reason, sha256 of every data file, input files with their licences; written
+    last). ``out_dir`` must be new or empty unless ``overwrite``; then a previous export there is
+    replaced whole (see :func:`staged_export_dir`). The run enters the ledger (:func:`export_run`).
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {EXPORT_FORMATS}")
+    if rows_per_file < 1:
+        raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
     cat = Catalog.at(catalog)
     check_remote_stage(cat, "export")
     src = cat.curated_dir(name)
@@ -286,20 +333,88 @@ def export(catalog: str | Path, name: str, fmt: str, out_dir: str | Path, rows_p
         raise FileNotFoundError(f"no curated set {name!r} in {cat.root}; run the curate flow or `thresher curate` first")
     out = check_export_target(out_dir, overwrite)  # refuse before any work (and before the ledger)
     info = json.loads((src / "_curated.json").read_text()) if (src / "_curated.json").exists() else {}
+    dataset = info.get("dataset") or name
     parameters = {"curated": name, "format": fmt, "rows_per_file": rows_per_file, "overwrite": overwrite}
-    with export_run(cat, info.get("dataset") or name, out, parameters, protocol.fingerprint([src])) as run:
+    read = [src]
+    rejected: dict[str, list[dict]] | None = None
+    if fmt == "dpo":
+        samples = cat.samples_partition("instruction", dataset)
+        if not samples.is_dir():
+            raise FileNotFoundError(f"the dpo export reads the rejected sides from dataset {dataset!r}, which is "
+                                    f"not in {cat.root}")
+        rejected = _rejected_sides(samples, src)
+        if not rejected:
+            raise ValueError(f"no row of curated set {name!r} has a rejected side, so there is nothing to write "
+                             "as dpo: preference pairs come from inputs with chosen/rejected transcripts (the "
+                             "hh_rlhf layout, docs/ingest_formats.md)")
+        read.append(samples)
+    with export_run(cat, dataset, out, parameters, protocol.fingerprint(read)) as run:
         with staged_export_dir(out, overwrite) as stage:
-            written, skipped, files, sources = _write_export(src, fmt, stage, rows_per_file)
-            counts = {"rows": written, "skipped_without_answer": skipped, "files": len(files)}
+            files, filtered, sources = _write_export(src, fmt, stage, rows_per_file, rejected)
+            rows = sum(f["rows"] for f in files)
+            names = [f["path"] for f in files]
+            counts = {"rows": rows, "skipped_without_answer": filtered.get(NO_ANSWER, 0), "files": len(files),
+                      **{f"filtered_{k}": v for k, v in sorted(filtered.items()) if k != NO_ANSWER}}
             manifest = {
-                "curated": name, "format": fmt, "files": files, "rows": written,
-                "skipped_without_answer": skipped, "selection": info, "sources": sources,
+                "curated": name, "format": fmt, "files": names, "rows": rows,
+                "skipped_without_answer": filtered.get(NO_ANSWER, 0), "filtered": filtered,
+                "data_files": [{**rec, "rows": f["rows"]} for rec, f in
+                               zip(export_card.file_records(stage, names), files)],
+                "selection": info, "sources": sources,
+                "inputs": {"dataset": dataset, "curated": name, "sources": export_card.input_sources(sources)},
                 "catalog": str(cat.root), "parameters": parameters, "run_id": run.run_id, "counts": counts,
             }
-            write_json_atomic(manifest, stage / "manifest.json")
+            if fmt in LLAMA_FACTORY:
+                write_json_atomic({f"thresher_{name}": LLAMA_FACTORY[fmt]}, stage / DATASET_INFO)
+            export_card.write_export_metadata(
+                stage, manifest, title=f"{name} ({fmt})", configs=[export_card.config("default", names)],
+                body=_card_body(manifest), tags=("thresher", fmt), features=FEATURES.get(fmt))
         # Committed after the swap, so a failed swap is recorded as a failure, never a success.
         run.commit(counts, absent=tuple(run.outputs))
     return manifest
+
+
+# The card's dataset_info.features for the JSONL formats: datasets infers "[]" as a list of nulls,
+# so without them files where no row has a history (Alpaca) would not cast to the others.
+_MSG = [{"name": "role", "dtype": "string"}, {"name": "content", "dtype": "string"}]
+_META = [{"name": "id", "dtype": "string"}, {"name": "rank", "dtype": "int64"}]
+FEATURES: dict[str, list[dict]] = {
+    "sharegpt": [*_META, {"name": "conversations", "list": [{"name": "from", "dtype": "string"},
+                                                             {"name": "value", "dtype": "string"}]}],
+    "openai": [*_META, {"name": "messages", "list": _MSG}],
+    "alpaca": [*_META, *({"name": k, "dtype": "string"} for k in ("instruction", "input", "output", "system")),
+               {"name": "history", "list": {"list": "string"}}],
+    "dpo": [*_META, *({"name": k, "list": _MSG} for k in ("prompt", "chosen", "rejected"))],
+}
+
+# LLaMA-Factory's dataset_info.json entry per format (its documented fields: file_name,
+# formatting, columns, tags, ranking); file_name is the data folder, read whole.
+LLAMA_FACTORY: dict[str, dict] = {
+    "sharegpt": {"file_name": DATA_DIR, "formatting": "sharegpt", "columns": {"messages": "conversations"},
+                 "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
+                          "assistant_tag": "gpt", "system_tag": "system"}},
+    "openai": {"file_name": DATA_DIR, "formatting": "sharegpt", "columns": {"messages": "messages"},
+               "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                        "assistant_tag": "assistant", "system_tag": "system"}},
+    "alpaca": {"file_name": DATA_DIR, "formatting": "alpaca",
+               "columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
+                           "history": "history"}},
+}
+
+
+def _card_body(m: dict) -> str:
+    fmt = m["format"]
+    lines = [f"Curated set `{m['curated']}` of dataset `{m['inputs']['dataset']}` exported by Thresher as **{fmt}**: "
+             f"{m['rows']} rows in {len(m['files'])} file(s) under `{DATA_DIR}/`, in selection rank order.",
+             "", "```python", "from datasets import load_dataset", "",
+             'ds = load_dataset("path/to/this/folder", split="train")', "```", ""]
+    if m["filtered"]:
+        lines += ["Left out: " + ", ".join(f"{n} ({reason})" for reason, n in sorted(m["filtered"].items())) + ".", ""]
+    lines += ["Parameters, counts, the sha256 of every data file and the run id are in `.manifest.json`; "
+              "trainer snippets in Thresher's docs/exports.md.", "", "## Sources", "",
+              "| input file | rows | licence |", "|---|---|---|"]
+    lines += [f"| {s['source_uri']} | {s['rows']} | {s['licence']} |" for s in m["inputs"]["sources"]]
+    return "\n".join(lines)
 
 
 def _exporter(fmt: str):
@@ -317,40 +432,70 @@ export_sharegpt = _exporter("sharegpt")
 export_alpaca = _exporter("alpaca")
 export_openai = _exporter("openai")
 export_parquet = _exporter("parquet")
+export_dpo = _exporter("dpo")
 
 
-def _write_export(src: Path, fmt: str, out_dir: Path, rows_per_file: int) -> tuple[int, int, list[str], dict]:
-    """Data files of one export into ``out_dir``: (rows written, rows skipped, file names, rows per source)."""
-    written, skipped, files, sources = 0, 0, [], {}
-    if fmt == "parquet":
-        table = pq.read_table(src)
-        target = out_dir / "data.parquet"
-        write_parquet_atomic(table, target, schemas.CURATED_INSTRUCTIONS)
-        files.append(target.name)
-        written = table.num_rows
-        for uri in table.column("source_uri").to_pylist():
-            sources[uri] = sources.get(uri, 0) + 1
-        return written, skipped, files, sources
-    fh, tmp, k = None, None, 0
-    try:
-        for row in _curated_rows(src):
+def _rejected_sides(samples: Path, curated: Path) -> dict[str, list[dict]]:
+    """``{sample_id: rejected messages}`` for the curated rows whose input record had a rejected
+    side (``metadata_json.rejected_messages``, kept by the hh_rlhf layout)."""
+    con = duckdb.connect()
+    con.read_parquet(str(samples / "*.parquet")).create_view("s")
+    con.read_parquet(str(curated / "part-*.parquet")).project("sample_id").create_view("c")
+    rel = con.sql("SELECT DISTINCT s.sample_id, s.metadata_json FROM s SEMI JOIN c USING (sample_id) "
+                  "WHERE s.metadata_json IS NOT NULL")
+    out: dict[str, list[dict]] = {}
+    for sample_id, meta in rel.fetchall():
+        value = json.loads(meta).get(REJECTED_MESSAGES_KEY)
+        if isinstance(value, list) and value and all(isinstance(m, dict) and {"role", "content"} <= m.keys()
+                                                     for m in value):
+            out.setdefault(sample_id, value)
+    return out
+
+
+def _write_export(src: Path, fmt: str, out_dir: Path, rows_per_file: int,
+                  rejected: dict[str, list[dict]] | None = None) -> tuple[list[dict], dict[str, int], dict[str, int]]:
+    """Data files of one export into ``out_dir/data``: ([{path, rows}], {reason: rows filtered},
+    {source_uri: rows written})."""
+    data = out_dir / DATA_DIR
+    data.mkdir()
+    filtered: dict[str, int] = {}
+    sources: dict[str, int] = {}
+    parts: list[tuple[Path, int]] = []
+    batch: list[dict] = []
+    ext = "parquet" if fmt == "parquet" else "jsonl"
+
+    def flush() -> None:
+        # Named without the total first ("train-00003.jsonl.part"), renamed once it is known.
+        path = data / f"train-{len(parts):05d}.{ext}.part"
+        if fmt == "parquet":
+            write_parquet_atomic(pa.Table.from_pylist(batch, schemas.CURATED_INSTRUCTIONS), path,
+                                 schemas.CURATED_INSTRUCTIONS)
+        else:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
+        parts.append((path, len(batch)))
+        batch.clear()
+
+    for row in _curated_rows(src):
+        if fmt == "parquet":
+            rec, reason = (row, None) if has_answer(row["messages"]) else (None, NO_ANSWER)
+        elif fmt == "dpo":
+            rec, reason = to_preference(row, (rejected or {}).get(row["sample_id"]))
+        else:
             rec = to_layout(row, fmt)
-            if rec is None:
-                skipped += 1
-                continue
-            if fh is None or written % rows_per_file == 0 and written:
-                if fh is not None:
-                    fh.close()
-                    os.replace(tmp, out_dir / files[-1])
-                files.append(f"data-{k:05d}.jsonl")
-                tmp = out_dir / f".{files[-1]}.tmp"
-                fh = open(tmp, "w", encoding="utf-8")
-                k += 1
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            written += 1
-            sources[row["source_uri"]] = sources.get(row["source_uri"], 0) + 1
-    finally:
-        if fh is not None:
-            fh.close()
-            os.replace(tmp, out_dir / files[-1])
-    return written, skipped, files, sources
+            reason = NO_ANSWER if rec is None else None
+        if rec is None:
+            filtered[reason] = filtered.get(reason, 0) + 1
+            continue
+        batch.append(rec)
+        sources[row["source_uri"]] = sources.get(row["source_uri"], 0) + 1
+        if len(batch) == rows_per_file:
+            flush()
+    if batch or not parts:
+        flush()  # an export with no rows still has one (empty) file, so every consumer sees the schema
+    files = []
+    for k, (path, n) in enumerate(parts):
+        final = f"train-{k:05d}-of-{len(parts):05d}.{ext}"
+        os.replace(path, data / final)
+        files.append({"path": f"{DATA_DIR}/{final}", "rows": n})
+    return files, filtered, sources
