@@ -116,7 +116,7 @@ def test_curate_instructions_flow_end_to_end(tmp_path, demo_data):
     assert out["curate"]["exports"] == {"sharegpt": 20, "alpaca": 20, "openai": 20, "parquet": 20}
     curated = query.run_query(tmp_path / "cat", "SELECT rank, tags, score FROM curated ORDER BY rank").to_pylist()
     assert [r["rank"] for r in curated] == list(range(20)) and all(r["tags"] for r in curated)
-    manifest = json.loads((tmp_path / "cat" / "exports" / "small20" / "alpaca" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "cat" / "exports" / "small20" / "alpaca" / ".manifest.json").read_text())
     assert manifest["rows"] == 20 and manifest["selection"]["algorithm"] == "mig"
     again = curate_instructions(spec, str(tmp_path / "cat"), budget=20, name="small20")
     assert again["ingest"]["skipped"] and again["mig"]["information"] == mig["information"]

@@ -390,9 +390,10 @@ def test_publish_export_to_s3(bucket_url, tmp_path):
     manifest = export(cat, "best", "sharegpt", local)
     target = bucket_url.rsplit("/", 1)[0] + "/exports/best"
     urls = publish_export(local, target)
-    assert urls[-1] == target + "/manifest.json" and len(urls) == len(manifest["files"]) + 1
+    # data files, README.md card, LLaMA-Factory dataset_info.json, and the manifest last
+    assert urls[-1] == target + "/.manifest.json" and len(urls) == len(manifest["files"]) + 3
     st = Catalog.at(bucket_url).storage
-    assert json.loads(st.fs.cat_file(target + "/manifest.json"))["rows"] == 5
+    assert json.loads(st.fs.cat_file(target + "/.manifest.json"))["rows"] == 5
     rows = [json.loads(line) for f in manifest["files"]
             for line in st.fs.cat_file(f"{target}/{f}").decode().splitlines() if line.strip()]
     assert len(rows) == 5

@@ -178,7 +178,7 @@ def test_curate_and_export_from_a_selection_enter_the_ledger(pool, tmp_path, mon
     out = tmp_path / "sft"
     assert main(["export", "--catalog", str(root), "--curated", "top20", "--format", "openai", "--out", str(out),
                  "--rows-per-file", "7"]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / ".manifest.json").read_text())
     assert manifest["parameters"] == {"curated": "top20", "format": "openai", "rows_per_file": 7, "overwrite": False}
     assert manifest["selection"]["selection_run_id"] == select_run and manifest["counts"]["rows"] == 20
     [run] = [r for r in _runs(root, "export") if r["run_id"] == manifest["run_id"]]

@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", help="webdataset: or a PLAN.parquet file (`thresher select cabs --out`)")
     p.add_argument("--dataset", help="webdataset: the image-text dataset the plan draws from")
     p.add_argument("--samples-per-shard", type=int, default=EXPORTERS["webdataset"].param("samples_per_shard").default)
-    p.add_argument("--out", required=True, help="output folder (data files + manifest.json)")
+    p.add_argument("--out", required=True, help="output folder: data files, a dataset card README.md (load it with "
+                                              "datasets.load_dataset(OUT)) and .manifest.json; docs/exports.md")
     p.add_argument("--rows-per-file", type=int, default=EXPORTERS["sharegpt"].param("rows_per_file").default)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous export in --out (the whole folder; never merged). Without it a "
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError(f"--format {args.format} needs --curated NAME")
     params = entry.validate({"rows_per_file": args.rows_per_file})
     m = entry.load()(args.catalog, args.curated, args.out, args.overwrite, **params)
-    print(f"exported {m['rows']} conversations as {args.format} to {args.out} ({len(m['files'])} files)"
-          + (f"; {m['skipped_without_answer']} without an assistant answer left out" if m["skipped_without_answer"] else ""))
+    left_out = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(m["filtered"].items()))
+    print(f"exported {m['rows']} {'preference pairs' if args.format == 'dpo' else 'conversations'} as {args.format} "
+          f"to {args.out} ({len(m['files'])} files)" + (f"; left out: {left_out}" if left_out else ""))
     return 0

@@ -17,7 +17,7 @@ when one of its folders was committed by another run since this run started: on 
 on different machines can never silently overwrite each other (see :class:`CommitConflict`).
 Before computing, a run takes a lease object per output set (:class:`Lease`), so a second run
 elsewhere stops at once instead of computing in vain. :func:`publish_export` uploads a finished
-trainer export with its ``manifest.json`` last.
+trainer export with its ``.manifest.json`` last.
 
 Where the endpoint and credentials come from: fsspec's usual sources (for S3: the AWS
 environment variables and config files, including ``AWS_ENDPOINT_URL``), plus
@@ -359,18 +359,20 @@ def storage_for(url: str) -> Storage:
 
 # ------------------------------------------------------------------------ exports to a URL
 
-EXPORT_MANIFEST = "manifest.json"  # written by every Thresher export, last
+EXPORT_MANIFEST = ".manifest.json"  # written by every Thresher export, last (pipeline.curate.export_card)
+LEGACY_EXPORT_MANIFEST = "manifest.json"  # its name before it moved out of the trainers' data globs
 PUBLISHING = "_PUBLISHING.json"  # present while a publish is under way (or was cut short)
 
 
 def publish_export(local: Path, url: str, overwrite: bool = False) -> list[str]:
-    """Upload a finished local export folder (data files + ``manifest.json``) to ``url``.
+    """Upload a finished local export folder (data files, card, ``.manifest.json``) to ``url``.
 
-    There is no atomic folder swap on object storage, so ``manifest.json`` marks completeness: it
-    is uploaded last, after every data file was checked, and removed first when an export is
-    replaced. A trainer that starts from ``manifest.json`` sees one whole export or none. A
+    There is no atomic folder swap on object storage, so ``.manifest.json`` marks completeness: it
+    is uploaded last, after every other file (sub-folders included) was checked, and removed first
+    when an export is replaced. A trainer that starts from it sees one whole export or none. A
     non-empty target is refused unless ``overwrite``; a target holding neither a Thresher export
-    nor an interrupted publish (``_PUBLISHING.json``) is never replaced. Returns the uploaded URLs.
+    (``.manifest.json``, or ``manifest.json`` of the older layout) nor an interrupted publish
+    (``_PUBLISHING.json``) is never replaced. Returns the uploaded URLs, the manifest last.
     """
     import fsspec
 
@@ -387,15 +389,17 @@ def publish_export(local: Path, url: str, overwrite: bool = False) -> list[str]:
         names = {p[len(base) + 1:] for p in existing}
         if not overwrite:
             raise FileExistsError(f"{url} is not empty; pass --overwrite to replace the export there")
-        if not names & {EXPORT_MANIFEST, PUBLISHING}:
+        if not names & {EXPORT_MANIFEST, LEGACY_EXPORT_MANIFEST, PUBLISHING}:
             raise FileExistsError(f"{url} holds objects but no Thresher export ({EXPORT_MANIFEST}); refusing to"
                                   " replace it: choose another --out")
     fs.pipe_file(f"{base}/{PUBLISHING}", json.dumps({"started_at": _now()}).encode())
     if existing:
         # The old manifest goes first: from here on the target reads as "no complete export".
-        if f"{base}/{EXPORT_MANIFEST}" in existing:
-            fs.rm_file(f"{base}/{EXPORT_MANIFEST}")
-        rest = [p for p in existing if p not in (f"{base}/{EXPORT_MANIFEST}", f"{base}/{PUBLISHING}")]
+        manifests = [f"{base}/{m}" for m in (EXPORT_MANIFEST, LEGACY_EXPORT_MANIFEST)]
+        for m in manifests:
+            if m in existing:
+                fs.rm_file(m)
+        rest = [p for p in existing if p not in (*manifests, f"{base}/{PUBLISHING}")]
         if rest:
             fs.rm(rest)
     files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != EXPORT_MANIFEST)
