@@ -354,7 +354,12 @@ EXPORTERS = Registry("exporter", (
     Entry("exporter", "webdataset", "image_text", "WebDataset tar shards in batch-plan order (open_clip reads them)",
           "pipeline.curate.webdataset_export:export_webdataset", (
               Param("dataset", str, REQUIRED, "the image-text dataset the plan draws from"),
-              Param("samples_per_shard", int, 1000),
+              Param("samples_per_shard", int, 1000, "most samples in one shard (a larger step is cut into parts)"),
+              Param("min_shards", int, 8, "at least this many shards: open_clip needs shards >= --workers x "
+                                          "world size (its --workers defaults to 4)"),
+              Param("shards_per_step", int, None, "cut every planned step into this many shards (default: from "
+                                                  "samples_per_shard and min_shards); the world size for "
+                                                  "plan-order reading under DDP (docs/webdataset.md)"),
               Param("concepts", str, None, "concept annotator whose concepts go into each sample's JSON")),
           group="plan"),
 ))

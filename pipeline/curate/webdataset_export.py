@@ -1,10 +1,19 @@
-"""Image-text exports: WebDataset tar shards in batch-plan order, curated Parquet, a manifest.
+"""Image-text exports: WebDataset tar shards in batch-plan order, ``sizes.json``, curated Parquet, a manifest.
 
 Each tar member group is ``<key>.<ext>`` (the image bytes exactly as ingested), ``<key>.txt``
 (the caption) and ``<key>.json`` (sample id, step, position, gain, concepts), which is what
-open_clip's WebDataset loader reads (``--train-data 'shard-{00000..N}.tar'`` with the default
+open_clip's WebDataset loader reads (``--train-data 'shard-{000000..N}.tar'`` with the default
 ``jpg;png;jpeg;webp`` / ``txt`` keys). Keys are ``<step>_<position>`` so that the tar order is
 the training order of the plan; members carry a fixed mtime so the same plan gives the same bytes.
+
+Shards never straddle a step: each step is cut into the same number of parts, so shard
+``i * k + p`` is part ``p`` of the i-th planned step (``docs/webdataset.md``). ``sizes.json``
+(shard name -> samples) and ``__len__`` sit beside the shards, which is where open_clip_train's
+``get_dataset_size`` looks, so ``--train-num-samples`` is not needed. By default there are at
+least 8 shards, because open_clip asserts ``shards >= workers * world_size`` (``--workers``
+defaults to 4). open_clip shuffles shards and samples in training whatever the flags, so it
+trains on the planned *set*; :func:`plan_order_dataset` reads the export back batch by batch in
+plan order (per DDP rank, with DataLoader workers) for a loop that keeps the CABS batches.
 The folder is written in a staging folder and swapped in whole (``materialise.staged_export_dir``):
 a non-empty ``out_dir`` is refused unless ``overwrite=True``, and then replaced, never merged.
 """
@@ -19,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -31,6 +41,11 @@ from pipeline.curate.materialise import (
 from pipeline.io.catalog import Catalog, write_json_atomic, write_parquet_atomic
 from pipeline.io.runs import check_remote_stage
 from pipeline.select.protocol import fingerprint
+
+# open_clip's --workers defaults to 4 and it needs shards >= workers * world_size: 8 shards fit the
+# default on two GPUs, or 8 workers on one; raise --min-shards for more.
+MIN_SHARDS = 8
+LAYOUT = "step-parts-v1"  # shard i * k + p = part p of the i-th step; read by plan_order_shards
 
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
@@ -45,10 +60,14 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: str | Path,
                 samples_per_shard: int = 1000, concepts: str | None = None,
-                overwrite: bool = False, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+                overwrite: bool = False, lineage: dict[str, Any] | None = None, *,
+                min_shards: int = MIN_SHARDS, shards_per_step: int | None = None) -> dict[str, Any]:
     """Write the samples of ``plan`` (step, position, sample_id, gain) as WebDataset shards.
 
-    ``out_dir`` must be new or empty unless ``overwrite``; then a previous export there is replaced whole.
+    Each step is cut into ``shards_per_step`` parts (default: the least giving shards of at most
+    ``samples_per_shard`` samples and at least ``min_shards`` shards); for plan-order reading
+    under DDP pass the world size (:func:`plan_order_shards`). ``out_dir`` must be new or empty
+    unless ``overwrite``; then a previous export there is replaced whole.
     """
     cat = Catalog.at(catalog)
     check_remote_stage(cat, "export")
@@ -56,6 +75,9 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
     if not samples.is_dir():
         raise FileNotFoundError(f"no image-text samples for dataset {dataset!r} in {cat.root}")
     out = check_export_target(out_dir, overwrite)  # refuse before the join, not after it
+    if samples_per_shard < 1 or min_shards < 1 or (shards_per_step is not None and shards_per_step < 1):
+        raise ValueError(f"samples_per_shard, min_shards and shards_per_step must be >= 1, got "
+                         f"{samples_per_shard}, {min_shards}, {shards_per_step}")
     plan_table = pq.read_table(plan)
     con = duckdb.connect()
     con.register("plan", plan_table)
@@ -75,11 +97,17 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
     rows = (rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()).to_pylist()
     missing = plan_table.num_rows - len(rows)
     parameters = {"format": "webdataset", "dataset": dataset, "plan": str(plan), "samples_per_shard": samples_per_shard,
+                  "min_shards": min_shards, "shards_per_step": shards_per_step,
                   "concepts": concepts, "overwrite": overwrite, **(lineage or {})}
+    parts, where, k = _step_parts(rows, samples_per_shard, min_shards, shards_per_step)
     read = [Path(plan), samples, *([concept_part] if concept_part is not None else [])]
     with export_run(cat, dataset, out, parameters, fingerprint(read)) as run:
         with staged_export_dir(out, overwrite) as stage:
-            shards = _write_shards(rows, stage, samples_per_shard)
+            shards = _write_shards(parts, stage)
+            sizes = {name: len(part) for name, part in zip(shards, parts)}
+            # open_clip_train's get_dataset_size: sizes.json first, else the literal in __len__.
+            write_json_atomic(sizes, stage / "sizes.json")
+            (stage / "__len__").write_text(f"{len(rows)}\n")
             if rows:
                 curated = pa.Table.from_pylist([{k: r[k] for k in ("step", "position", "sample_id", "gain", "caption",
                                                                    "image_format", "width", "height", "source_uri")}
@@ -88,6 +116,13 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
             counts = {"samples": len(rows), "missing_from_dataset": missing, "shards": len(shards)}
             manifest = {"dataset": dataset, "plan": str(plan), "shards": shards, "samples": len(rows),
                         "missing_from_dataset": missing, "steps": len({r["step"] for r in rows}),
+                        "layout": LAYOUT, "shards_per_step": k,
+                        "train_data": _brace_pattern(shards),
+                        "shard_steps": [{"shard": name, "step": step, "part": p, "samples": sizes[name]}
+                                        for name, (step, p) in zip(shards, where)],
+                        "warnings": ([f"{len(shards)} shards < min_shards {min_shards} ({k} per step): "
+                                      "open_clip needs shards >= --workers x world size"]
+                                     if shards and len(shards) < min_shards else []),
                         "concepts_from": concept_part.parent.name if concept_part else None,
                         "catalog": str(cat.root), "parameters": parameters, "run_id": run.run_id, "counts": counts}
             write_json_atomic(manifest, stage / "manifest.json")
@@ -97,7 +132,8 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
 
 
 def export_webdataset(catalog: str | Path, source: str, out_dir: str | Path, overwrite: bool = False, *,
-                      dataset: str, samples_per_shard: int = 1000, concepts: str | None = None) -> dict[str, Any]:
+                      dataset: str, samples_per_shard: int = 1000, concepts: str | None = None,
+                      min_shards: int = MIN_SHARDS, shards_per_step: int | None = None) -> dict[str, Any]:
     """The batch plan of selection ``source`` (``selections/<source>/``, e.g. from CABS) as
     WebDataset shards (registry entry ``webdataset``); the selection's run id goes to the manifest."""
     from pipeline.select import protocol
@@ -105,16 +141,56 @@ def export_webdataset(catalog: str | Path, source: str, out_dir: str | Path, ove
     plan = protocol.selection_picks(catalog, source)
     doc = protocol.read_selection_document(catalog, source)
     return export_plan(catalog, dataset, plan, out_dir, samples_per_shard, concepts, overwrite,
-                       lineage={"selection": source, "selection_run_id": doc.get("run_id")})
+                       lineage={"selection": source, "selection_run_id": doc.get("run_id")},
+                       min_shards=min_shards, shards_per_step=shards_per_step)
 
 
-def _write_shards(rows: list[dict[str, Any]], out_dir: Path, samples_per_shard: int) -> list[str]:
+def _step_parts(rows: list[dict[str, Any]], samples_per_shard: int, min_shards: int,
+                shards_per_step: int | None) -> tuple[list[list[dict[str, Any]]], list[tuple[Any, int]], int]:
+    """Cut the plan-ordered rows into shards that never straddle a step.
+
+    Every step is split into the same number ``k`` of contiguous parts (``np.array_split``
+    sizes: they differ by at most one), so shard ``i * k + p`` is part ``p`` of the i-th step and
+    a brace pattern over all shards lists them in plan order. ``k`` is ``shards_per_step`` when
+    given, else the least that keeps every shard at most ``samples_per_shard`` and gives at least
+    ``min_shards`` shards — but never more than the smallest step has samples, so no shard is empty.
+    """
+    steps: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        steps.setdefault(r["step"], []).append(r)
+    if not steps:
+        return [], [], shards_per_step or 1
+    smallest, largest = min(map(len, steps.values())), max(map(len, steps.values()))
+    if shards_per_step is not None:
+        if not 1 <= shards_per_step <= smallest:
+            raise ValueError(f"shards_per_step={shards_per_step} must be between 1 and the smallest step's "
+                             f"{smallest} samples (a larger value would write empty shards)")
+        k = shards_per_step
+    else:
+        k = min(smallest, max(1, -(-min_shards // len(steps)), -(-largest // samples_per_shard)))
+    parts, where = [], []
+    for step, step_rows in steps.items():
+        bounds = np.array_split(np.arange(len(step_rows)), k)
+        for p, idx in enumerate(bounds):
+            parts.append([step_rows[i] for i in idx.tolist()])
+            where.append((step, p))
+    return parts, where, k
+
+
+def _brace_pattern(shards: list[str]) -> str | None:
+    """``shard-{000000..000009}.tar`` for ``--train-data`` (relative to the export folder)."""
+    if not shards:
+        return None
+    return shards[0] if len(shards) == 1 else f"shard-{{{0:06d}..{len(shards) - 1:06d}}}.tar"
+
+
+def _write_shards(parts: list[list[dict[str, Any]]], out_dir: Path) -> list[str]:
     shards: list[str] = []
-    for start in range(0, len(rows), samples_per_shard):
-        name = f"shard-{len(shards):05d}.tar"
+    for part in parts:
+        name = f"shard-{len(shards):06d}.tar"
         tmp = out_dir / f".{name}.tmp"
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for r in rows[start:start + samples_per_shard]:
+            for r in part:
                 key = f"{r['step']:06d}_{r['position']:06d}"
                 ext = _EXT.get(r["image_format"] or "", "img")
                 _member(tar, f"{key}.{ext}", r["image"])
@@ -126,3 +202,89 @@ def _write_shards(rows: list[dict[str, Any]], out_dir: Path, samples_per_shard: 
         os.replace(tmp, out_dir / name)
         shards.append(name)
     return shards
+
+
+def plan_order_shards(export_dir: str | Path, rank: int = 0, world_size: int = 1) -> list[list[str]]:
+    """Rank ``rank``'s shards of every planned step, in plan order: ``[[path, ...] per step]``.
+
+    A step's ``k`` parts are shared out like :func:`pipeline.select.cabs_sampler.rank_share`:
+    rank r reads parts ``r * k / W`` to ``(r + 1) * k / W - 1``, so ``k`` must be a multiple of the
+    world size; with ``k == W`` each rank's shard is exactly its ``rank_share`` of the step. The
+    ranks' shares are disjoint, cover the step, and every rank gets every step (as DDP needs).
+    """
+    root = Path(export_dir)
+    manifest = json.loads((root / "manifest.json").read_text())
+    if manifest.get("layout") != LAYOUT:
+        raise ValueError(f"{root} was exported before shards followed steps (no layout {LAYOUT!r} in its "
+                         "manifest); export it again to read it in plan order")
+    k = int(manifest["shards_per_step"])
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    if k % world_size:
+        raise ValueError(f"{root} has {k} shards per step, which {world_size} ranks cannot share; export it "
+                         f"again with shards_per_step={world_size} (--shards-per-step {world_size})")
+    per_rank = k // world_size
+    names = manifest["shards"]
+    return [[str(root / names[i * k + p]) for p in range(rank * per_rank, (rank + 1) * per_rank)]
+            for i in range(len(names) // k)]
+
+
+def plan_order_dataset(export_dir: str | Path, rank: int = 0, world_size: int = 1, *,
+                       decode: str | None = "pil", map_sample: Any = None) -> Any:
+    """An IterableDataset of this rank's batches, one per planned step, in plan order.
+
+    Each batch is the list of samples (webdataset dicts: ``__key__``, the image under its
+    extension, ``txt``, ``json``; decoded with ``webdataset.decode(decode)`` unless None, then
+    ``map_sample`` applied when given). Use ``DataLoader(ds, batch_size=None, num_workers=W,
+    collate_fn=...)``: worker w reads the steps w, w + W, ..., and the DataLoader takes one
+    batch from each worker in turn, so its output is the plan order for any W. Nothing is
+    shuffled; the order is the plan's, epoch after epoch. Needs the ``webdataset`` package.
+    """
+    import webdataset as wds
+
+    steps = plan_order_shards(export_dir, rank, world_size)
+    stages: list[Any] = [_WorkerSteps(steps), wds.tarfile_to_samples()]
+    if decode is not None:
+        stages.append(wds.decode(decode))
+    stages.append(_StepBatches(steps, map_sample))
+    return wds.DataPipeline(*stages)
+
+
+class _WorkerSteps:
+    """This DataLoader worker's steps' shard URLs (steps w, w + W, ...); a step stays in one worker.
+
+    Module-level (not a closure) so that DataLoader workers started by spawn can unpickle it.
+    """
+
+    def __init__(self, steps: list[list[str]]) -> None:
+        self.steps = steps
+
+    def __call__(self) -> Any:  # a DataPipeline source: called with no arguments each epoch
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for i in range(worker, len(self.steps), workers):
+            for url in self.steps[i]:
+                yield {"url": url}
+
+
+class _StepBatches:
+    """Group a worker's sample stream into one list per step (a step's shards are consecutive)."""
+
+    def __init__(self, steps: list[list[str]], map_sample: Any = None) -> None:
+        self.step_of = {url: i for i, urls in enumerate(steps) for url in urls}
+        self.map_sample = map_sample
+
+    def __call__(self, samples: Any) -> Any:
+        batch: list[Any] = []
+        current = None
+        for sample in samples:
+            i = self.step_of[sample["__url__"]]
+            if batch and i != current:
+                yield batch
+                batch = []
+            current = i
+            batch.append(self.map_sample(sample) if self.map_sample is not None else sample)
+        if batch:
+            yield batch
