@@ -191,7 +191,7 @@ def test_webdataset_reexport(images, tmp_path, capsys):
     root, plans = images
     out = tmp_path / "wds"
     m = export_plan(root, "db", plans["long"], out, samples_per_shard=4)
-    assert len(m["shards"]) == 5 and _tar_samples(out) == 20
+    assert len(m["shards"]) == 10 and _tar_samples(out) == 20  # shards follow the 10 steps of 2
     before = _snapshot(out)
     with pytest.raises(ValueError, match="is not empty; pass --overwrite"):
         export_plan(root, "db", plans["short"], out, samples_per_shard=4)
@@ -199,10 +199,11 @@ def test_webdataset_reexport(images, tmp_path, capsys):
     assert main(["export", "--catalog", str(root), "--format", "webdataset", "--plan", str(plans["short"]),
                  "--dataset", "db", "--out", str(out), "--samples-per-shard", "4", "--overwrite"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["samples"] == 6 and manifest["shards"] == ["shard-00000.tar", "shard-00001.tar"]
+    assert manifest["samples"] == 6 and manifest["shards"] == [f"shard-{i:06d}.tar" for i in range(6)]  # 3 steps x 2
     assert _tar_samples(out) == manifest["samples"]
     assert pq.read_table(out / "curated.parquet").num_rows == 6
-    assert sorted(p.name for p in out.iterdir()) == sorted(manifest["shards"] + ["curated.parquet", "manifest.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(manifest["shards"] + ["curated.parquet", "manifest.json",
+                                                                                "sizes.json", "__len__"])
     assert [p.name for p in tmp_path.iterdir()] == ["wds"]
     # An instruction export may replace a WebDataset export (both are Thresher exports) and vice versa,
     # but a folder of someone's pictures is never replaced.
