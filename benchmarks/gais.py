@@ -115,7 +115,7 @@ def worker(args: argparse.Namespace) -> dict:
     gat_config = GATConfig(epochs=args.epochs, num_threads=args.threads,
                            train_mode=args.train_mode, batch_nodes=args.batch_nodes)
     res = gais_select(X, y, variant=args.variant, reduction=args.reduction,
-                      scoring="same_class", seed=args.seed, gat_config=gat_config)
+                      scoring=args.scoring, seed=args.seed, gat_config=gat_config)
     out.update({"extrapolated": False, **res.timings,
                 "gat_mode": res.gat_train_mode, "gat_train_accuracy": res.gat_train_accuracy,
                 "n_selected": int(res.selected_mask.sum()),
@@ -142,7 +142,7 @@ def run_in_subprocess(args: argparse.Namespace, variant: str, n: int) -> dict:
            "--reduction", str(args.reduction), "--threads", str(args.threads),
            "--knn-max-full", str(args.knn_max_full), "--knn-queries", str(args.knn_queries),
            "--test-size", str(args.test_size), "--train-mode", args.train_mode,
-           "--batch-nodes", str(args.batch_nodes)]
+           "--batch-nodes", str(args.batch_nodes), "--scoring", args.scoring]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
     if proc.returncode != 0:
@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-nodes", type=int, default=8192,
                    help="nodes per cluster-training step")
     p.add_argument("--reduction", type=float, default=0.96)
+    p.add_argument("--scoring", default="same_class",
+                   choices=("same_class", "other_class", "all", "same_class_coverage"),
+                   help="GAIS scoring rule of the scale run (same_class_coverage: the extension)")
     p.add_argument("--threads", type=int, default=1, help="torch/faiss threads per run")
     p.add_argument("--knn-max-full", type=int, default=100000,
                    help="largest N for which the exact-kNN baseline runs in full")
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in args.variants.split(",") if v]
     print(f"# GAIS benchmark: dim={args.dim} classes={args.classes} clusters/class="
           f"{args.clusters} spread={args.spread} epochs={args.epochs} "
-          f"batch_nodes={args.batch_nodes} reduction={args.reduction} "
+          f"batch_nodes={args.batch_nodes} reduction={args.reduction} scoring={args.scoring} "
           f"threads={args.threads} cpus={os.cpu_count()}", flush=True)
     results: list[dict] = []
     for n in sizes:
