@@ -387,16 +387,20 @@ FEATURES: dict[str, list[dict]] = {
     "dpo": [*_META, *({"name": k, "list": _MSG} for k in ("prompt", "chosen", "rejected"))],
 }
 
-# LLaMA-Factory's dataset_info.json entry per format (its documented fields: file_name,
-# formatting, columns, tags, ranking); file_name is the data folder, read whole.
+# LLaMA-Factory's dataset_info.json entry per format (documented fields: script_url or file_name,
+# formatting, columns, tags). "script_url" names a folder that LLaMA-Factory passes to
+# datasets.load_dataset whole, so it reads the card's configs and features; "file_name" would make it
+# read the data files with the json builder, which infers each file's types on its own (an Alpaca
+# file where no row has a history infers history as a list of nulls and the files do not combine).
+_LF_SOURCE = {"script_url": "."}  # relative to dataset_dir: this folder
 LLAMA_FACTORY: dict[str, dict] = {
-    "sharegpt": {"file_name": DATA_DIR, "formatting": "sharegpt", "columns": {"messages": "conversations"},
+    "sharegpt": {**_LF_SOURCE, "formatting": "sharegpt", "columns": {"messages": "conversations"},
                  "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
                           "assistant_tag": "gpt", "system_tag": "system"}},
-    "openai": {"file_name": DATA_DIR, "formatting": "sharegpt", "columns": {"messages": "messages"},
+    "openai": {**_LF_SOURCE, "formatting": "sharegpt", "columns": {"messages": "messages"},
                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                         "assistant_tag": "assistant", "system_tag": "system"}},
-    "alpaca": {"file_name": DATA_DIR, "formatting": "alpaca",
+    "alpaca": {**_LF_SOURCE, "formatting": "alpaca",
                "columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
                            "history": "history"}},
 }

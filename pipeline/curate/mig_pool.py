@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import schemas
@@ -55,6 +56,27 @@ def pool_from_xsample(path: str | Path) -> Pool:
                 ids[record_no] = conversation_id(normalise(json.loads(line), "xsample").messages)
     return Pool([ids[int(i)] for i in xs.line_numbers], xs.labels, xs.scores, xs.line_numbers,
                 str(path), {"skipped_without_annotations": xs.skipped})
+
+
+def answerless_ids(samples: Path) -> set[str]:
+    """Sample ids whose conversation has no user turn answered by the assistant (the rule of
+    ``materialise.has_answer``: some user message comes before some assistant message).
+
+    Such samples never reach an SFT export, so a pool that kept them would spend budget on rows
+    that are dropped later. Vectorised over the flattened messages: one pass, no Python per row.
+    """
+    table = pq.read_table(samples, columns=["sample_id", "messages"])
+    messages = table.column("messages").combine_chunks()
+    parents = pc.list_parent_indices(messages).to_numpy()
+    roles = pc.struct_field(pc.list_flatten(messages), "role").to_numpy(zero_copy_only=False)
+    pos = np.arange(len(roles))
+    first_user = np.full(table.num_rows, np.iinfo(np.int64).max, dtype=np.int64)
+    last_assistant = np.full(table.num_rows, -1, dtype=np.int64)
+    user, assistant = roles == "user", roles == "assistant"
+    np.minimum.at(first_user, parents[user], pos[user])
+    np.maximum.at(last_assistant, parents[assistant], pos[assistant])
+    ids = table.column("sample_id").to_pylist()
+    return {ids[i] for i in np.flatnonzero(first_user >= last_assistant)}
 
 
 NEAR_DUP_PREFIX = "near_dup_"  # pipeline.stages.index.near_dup_annotator(model) names them so
@@ -135,14 +157,18 @@ def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", qua
     the offline annotators. Samples without tags get an empty label set; without a score, 0.
     With ``near_duplicates`` (an annotator such as ``near_dup_<model>``, or ``"auto"``: see
     :func:`resolve_near_duplicates`), samples that annotation marks as not kept leave the pool, so
-    MIG never spends budget on a near-copy. The curate_instructions flow and ``thresher select
-    mig`` both build their pools here; ``notes`` say what was excluded and from which annotation.
+    MIG never spends budget on a near-copy. Samples without an assistant answer
+    (:func:`answerless_ids`) always leave the pool: no SFT export would keep them. The
+    curate_instructions flow and ``thresher select mig`` both build their pools here; ``notes`` say
+    what was excluded and from which annotation.
     """
     cat = Catalog.at(catalog)
     samples = cat.samples_partition("instruction", dataset)
     if not samples.is_dir():
         raise FileNotFoundError(f"no instruction samples for dataset {dataset!r} in {cat.root}")
     ids = sorted(pq.read_table(samples, columns=["sample_id"]).column("sample_id").to_pylist())
+    answerless = answerless_ids(samples)
+    ids = [s for s in ids if s not in answerless]
     near_from, near_note = resolve_near_duplicates(cat, dataset, near_duplicates)
     dropped = 0
     if near_from:
@@ -161,7 +187,8 @@ def pool_from_catalog(catalog: str | Path, dataset: str, tags: str = "auto", qua
     notes = {"tags_from": tag_part.parent.name, "quality_from": q_part.parent.name,
              "without_tags": sum(1 for s in ids if s not in by_id_tags),
              "without_score": sum(1 for s in ids if s not in by_id_score),
-             "near_duplicates_excluded": dropped, "near_duplicates_from": near_from}
+             "near_duplicates_excluded": dropped, "near_duplicates_from": near_from,
+             "without_assistant_answer_excluded": len(answerless)}
     if near_note:
         notes["near_duplicates_note"] = near_note
     return Pool(ids, labels, scores, np.arange(len(ids)), f"{cat.root}#{dataset}", notes, cat.root)
@@ -245,13 +272,17 @@ def select(pool: Pool, budget: int, config: mig.MIGConfig = mig.MIGConfig(), edg
 
 
 def pool_notes(pool: Pool) -> list[str]:
-    """What the pool left out (near-copies), or why it could not, as lines to print."""
+    """What the pool left out (answerless conversations, near-copies), or why it could not, as lines."""
+    lines = []
+    if pool.notes.get("without_assistant_answer_excluded"):
+        lines.append(f"without an assistant answer: excluded {pool.notes['without_assistant_answer_excluded']:,} "
+                     "samples (no SFT export keeps them)")
     if pool.notes.get("near_duplicates_from"):
-        return [f"near-duplicates: excluded {pool.notes['near_duplicates_excluded']:,} samples that "
-                f"{pool.notes['near_duplicates_from']} marks as near-copies (--keep-near-duplicates keeps them)"]
+        return lines + [f"near-duplicates: excluded {pool.notes['near_duplicates_excluded']:,} samples that "
+                        f"{pool.notes['near_duplicates_from']} marks as near-copies (--keep-near-duplicates keeps them)"]
     if pool.notes.get("near_duplicates_note"):
-        return [pool.notes["near_duplicates_note"]]
-    return []
+        return lines + [pool.notes["near_duplicates_note"]]
+    return lines
 
 
 class MIGSelector:
@@ -278,7 +309,7 @@ class MIGSelector:
 
     def notes(self, pool: Pool, params: dict[str, Any]) -> list[str]:
         if params["keep_near_duplicates"] and pool.catalog is not None:
-            return ["near-duplicates: kept (--keep-near-duplicates)"]
+            return [*pool_notes(pool), "near-duplicates: kept (--keep-near-duplicates)"]
         return pool_notes(pool)
 
     def run(self, pool: Pool, params: dict[str, Any]) -> tuple[pa.Table, MIGReport]:
