@@ -241,3 +241,44 @@ def test_open_clip_trains_on_the_export_without_train_num_samples(tmp_path, cata
     args.train_data = str(old / m["train_data"])
     with pytest.raises(AssertionError, match="number of shards must be >= total workers"):
         data.get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
+
+
+def test_docs_training_loop_runs_on_the_plan_batches(tmp_path, catalog):
+    """docs/webdataset.md's loop (a tiny open_clip CLIP): one optimiser step per planned step, in order."""
+    open_clip = pytest.importorskip("open_clip")
+    import torch
+    from torch.utils.data import DataLoader
+
+    from pipeline.embed.clip import register_tiny_config
+
+    plan = catalog["plans"][5]
+    out = tmp_path / "wds"
+    export_plan(catalog["root"], "db", plan, out)
+    name = register_tiny_config()
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(name)
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.2)
+
+    def to_pair(sample):
+        image = next(sample[k] for k in ("jpg", "png", "jpeg", "webp") if k in sample)
+        return preprocess(image), sample["txt"]
+
+    def collate(batch):
+        images, captions = zip(*batch)
+        return torch.stack(images), tokenizer(list(captions))
+
+    loader = DataLoader(plan_order_dataset(out, map_sample=to_pair), batch_size=None, num_workers=2,
+                        collate_fn=collate)
+    captions = [[catalog["caption_of"][i] for i in step] for step in _plan_steps(plan)]
+    losses = []
+    for (images, texts), step_captions in zip(loader, captions, strict=True):
+        assert images.shape[0] == len(step_captions) == 10
+        assert torch.equal(texts, tokenizer(step_captions))  # this step's captions, in plan order
+        image_features, text_features, logit_scale = model(images, texts)[:3]
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert len(losses) == 5 and all(np.isfinite(losses))
