@@ -20,6 +20,7 @@ Used by the instruction exports (``materialise``) and the WebDataset export.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -53,8 +54,6 @@ def file_records(folder: Path, names: Iterable[str]) -> list[dict[str, Any]]:
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     """The export manifest in ``folder`` (current or legacy name), or None when there is none."""
-    import json
-
     for name in MANIFEST_NAMES:
         try:
             doc = json.loads((folder / name).read_text(encoding="utf-8"))
@@ -86,7 +85,9 @@ def card_text(title: str, configs: Sequence[Mapping[str, Any]], body: str, *,
     if tags:
         header["tags"] = list(tags)
     if features:
-        header["dataset_info"] = {"features": [dict(f) for f in features]}
+        # Copied through JSON: shared sub-lists would become YAML anchors, and datasets edits the
+        # parsed features in place, so an alias read twice fails (KeyError: 'name').
+        header["dataset_info"] = {"features": json.loads(json.dumps(list(features)))}
     header["configs"] = [dict(c) for c in configs]
     front = yaml.safe_dump(header, sort_keys=False, allow_unicode=True)
     return f"---\n{front}---\n\n# {title}\n\n{body.rstrip()}\n"
