@@ -6,8 +6,8 @@ their outputs are compared with the in-process runner's: same tables, same rows,
 accounting (counted from what the job wrote: Dask reports no metrics), vectors equal within
 float tolerance (the Dask workers run torch on one thread, the in-process runner on all cores).
 The quick test runs ``thresher ingest`` and ``thresher embed`` on the cluster; the full
-comparison of every stage is marked ``slow`` (about 3 minutes on 2 busy cores, 6 with tags and
-CLIP concepts, whose set-up embeds a whole vocabulary in every worker): ``pytest -m slow
+comparison of every stage is marked ``slow`` (3 minutes on 2 busy cores; tags and CLIP concepts,
+whose set-up embeds a whole vocabulary in every worker, take a third of it): ``pytest -m slow
 tests/test_dask_cluster.py``.
 """
 
