@@ -198,12 +198,12 @@ def test_webdataset_reexport(images, tmp_path, capsys):
     assert _snapshot(out) == before
     assert main(["export", "--catalog", str(root), "--format", "webdataset", "--plan", str(plans["short"]),
                  "--dataset", "db", "--out", str(out), "--samples-per-shard", "4", "--overwrite"]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / ".manifest.json").read_text())
     assert manifest["samples"] == 6 and manifest["shards"] == [f"shard-{i:06d}.tar" for i in range(6)]  # 3 steps x 2
     assert _tar_samples(out) == manifest["samples"]
     assert pq.read_table(out / "curated.parquet").num_rows == 6
-    assert sorted(p.name for p in out.iterdir()) == sorted(manifest["shards"] + ["curated.parquet", "manifest.json",
-                                                                                "sizes.json", "__len__"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(manifest["shards"] + ["curated.parquet", ".manifest.json",
+                                                                                "README.md", "sizes.json", "__len__"])
     assert [p.name for p in tmp_path.iterdir()] == ["wds"]
     # An instruction export may replace a WebDataset export (both are Thresher exports) and vice versa,
     # but a folder of someone's pictures is never replaced.

@@ -59,7 +59,7 @@ def test_plan_to_webdataset_shards(tmp_path, catalog):
     out = tmp_path / "wds"
     assert main(["export", "--catalog", str(catalog["root"]), "--format", "webdataset", "--plan", str(plan),
                  "--dataset", "db", "--out", str(out), "--samples-per-shard", "7"]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / ".manifest.json").read_text())
     # 2 steps of 10: 7 per shard needs 2 parts a step, 8 shards (open_clip's 4 workers x 2 GPUs) need 4.
     assert manifest["samples"] == 20 and manifest["missing_from_dataset"] == 0
     assert manifest["shards_per_step"] == 4 and len(manifest["shards"]) == 8 and manifest["warnings"] == []
@@ -100,7 +100,7 @@ def test_selection_in_the_catalog_to_webdataset_with_lineage(tmp_path, demo_data
     out = tmp_path / "wds"
     assert main(["export", "--catalog", str(root), "--format", "webdataset", "--selection", "plan2",
                  "--dataset", "db", "--out", str(out)]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / ".manifest.json").read_text())
     assert manifest["samples"] == 20 and manifest["parameters"]["selection_run_id"] == report["run_id"]
     assert len(manifest["shards"]) == 8 and manifest["parameters"]["min_shards"] == 8
     runs = query.run_query(root, "SELECT stage, status, dataset FROM runs WHERE stage IN ('select', 'export') "
@@ -109,6 +109,25 @@ def test_selection_in_the_catalog_to_webdataset_with_lineage(tmp_path, demo_data
                     {"stage": "select", "status": "succeeded", "dataset": "file"}]
     assert main(["export", "--catalog", str(root), "--format", "webdataset", "--dataset", "db",
                  "--out", str(tmp_path / "x")]) == 2  # neither --selection nor --plan
+
+
+def test_card_and_manifest_and_the_datasets_loader(tmp_path, catalog):
+    """The shared export card: README.md configs name the shards, .manifest.json has their sha256."""
+    out = tmp_path / "wds"
+    m = export_plan(catalog["root"], "db", catalog["plans"][2], out)
+    assert json.loads((out / ".manifest.json").read_text()) == json.loads(json.dumps(m))
+    assert not (out / "manifest.json").exists()
+    assert [(f["path"], f["samples"]) for f in m["data_files"]] == [(s, 20 // 8 + (i % 4 < 2)) for i, s in
+                                                                      enumerate(m["shards"])]
+    assert all(len(f["sha256"]) == 64 for f in m["data_files"])
+    assert sum(s["rows"] for s in m["inputs"]["sources"]) == 20
+    card = (out / "README.md").read_text()
+    assert "shard-*.tar" in card.split("---")[1] and m["train_data"] in card
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_dataset(str(out), split="train")
+    assert ds.num_rows == 20 and [r["json"]["sample_id"] for r in ds] == \
+        [i for step in _plan_steps(catalog["plans"][2]) for i in step]
+    assert sorted(ds.column_names) == ["__key__", "__url__", "jpg", "json", "txt"]
 
 
 def test_shard_layout_options_and_limits(tmp_path, catalog):

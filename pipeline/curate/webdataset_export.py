@@ -14,6 +14,10 @@ least 8 shards, because open_clip asserts ``shards >= workers * world_size`` (``
 defaults to 4). open_clip shuffles shards and samples in training whatever the flags, so it
 trains on the planned *set*; :func:`plan_order_dataset` reads the export back batch by batch in
 plan order (per DDP rank, with DataLoader workers) for a loop that keeps the CABS batches.
+The folder's metadata is the shared export card (``export_card``): a ``README.md`` dataset card
+whose ``configs`` name the shards (``datasets.load_dataset(folder)`` reads them with its
+webdataset builder) and a hidden ``.manifest.json`` (parameters, counts, per-shard sha256, the
+layout, input licences), written last.
 The folder is written in a staging folder and swapped in whole (``materialise.staged_export_dir``):
 a non-empty ``out_dir`` is refused unless ``overwrite=True``, and then replaced, never merged.
 """
@@ -32,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.curate import annotations
+from pipeline.curate import annotations, export_card
 from pipeline.curate.materialise import (
     check_export_target,
     export_run,
@@ -114,18 +118,29 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
                                                 for r in rows])
                 write_parquet_atomic(curated, stage / "curated.parquet")
             counts = {"samples": len(rows), "missing_from_dataset": missing, "shards": len(shards)}
+            sources: dict[str, int] = {}
+            for r in rows:
+                sources[r["source_uri"]] = sources.get(r["source_uri"], 0) + 1
             manifest = {"dataset": dataset, "plan": str(plan), "shards": shards, "samples": len(rows),
                         "missing_from_dataset": missing, "steps": len({r["step"] for r in rows}),
                         "layout": LAYOUT, "shards_per_step": k,
                         "train_data": _brace_pattern(shards),
                         "shard_steps": [{"shard": name, "step": step, "part": p, "samples": sizes[name]}
                                         for name, (step, p) in zip(shards, where)],
+                        "data_files": [{**rec, "samples": sizes[rec["path"]]}
+                                       for rec in export_card.file_records(stage, shards)],
                         "warnings": ([f"{len(shards)} shards < min_shards {min_shards} ({k} per step): "
                                       "open_clip needs shards >= --workers x world size"]
                                      if shards and len(shards) < min_shards else []),
                         "concepts_from": concept_part.parent.name if concept_part else None,
+                        "inputs": {"dataset": dataset, "plan": str(plan), "selection": (lineage or {}).get("selection"),
+                                   "sources": export_card.input_sources(sources)},
                         "catalog": str(cat.root), "parameters": parameters, "run_id": run.run_id, "counts": counts}
-            write_json_atomic(manifest, stage / "manifest.json")
+            # A glob, not thousands of names: datasets expands it sorted, which is the plan order.
+            export_card.write_export_metadata(
+                stage, manifest, title=f"{(lineage or {}).get('selection') or Path(plan).stem} (WebDataset)",
+                configs=[export_card.config("default", ["shard-*.tar"])], body=_card_body(manifest),
+                tags=("thresher", "webdataset", "cabs"))
         # Committed after the swap, so a failed swap is recorded as a failure, never a success.
         run.commit(counts, absent=tuple(run.outputs))
     return manifest
@@ -177,6 +192,31 @@ def _step_parts(rows: list[dict[str, Any]], samples_per_shard: int, min_shards: 
     return parts, where, k
 
 
+def _card_body(m: dict[str, Any]) -> str:
+    lines = [f"Batch plan `{m['inputs']['selection'] or m['plan']}` of dataset `{m['dataset']}` exported by Thresher "
+             f"as WebDataset: {m['samples']} samples of {m['steps']} planned steps in {len(m['shards'])} shards "
+             f"({m['shards_per_step']} per step), keys `<step>_<position>` in plan order; `sizes.json` gives "
+             "the samples per shard.", "",
+             "open_clip (shuffles shards and samples, so it trains on the planned set, not the batches):", "",
+             "```bash", "python -m open_clip_train.main --dataset-type webdataset \\",
+             f"    --train-data 'path/to/this/folder/{m['train_data']}' --workers 4 ...", "```", "",
+             "The CABS batches in plan order: `pipeline.curate.webdataset_export.plan_order_dataset(folder, rank, "
+             "world_size)`; Hugging Face: `datasets.load_dataset(\"path/to/this/folder\", split=\"train\")`. "
+             "Parameters, counts, the sha256 of every shard and the run id are in `.manifest.json`; "
+             "details in Thresher's docs/webdataset.md.", ""]
+    if m["warnings"]:
+        lines += ["Warnings: " + "; ".join(m["warnings"]) + ".", ""]
+    lines += ["## Sources", "", "| input file | samples | licence |", "|---|---|---|"]
+    sources = m["inputs"]["sources"]
+    lines += [f"| {s['source_uri']} | {s['rows']} | {s['licence']} |" for s in sources[:_CARD_SOURCES]]
+    if len(sources) > _CARD_SOURCES:  # an image folder has one source per image: all are in the manifest
+        lines += ["", f"{len(sources) - _CARD_SOURCES} more input files in `.manifest.json`."]
+    return "\n".join(lines)
+
+
+_CARD_SOURCES = 50
+
+
 def _brace_pattern(shards: list[str]) -> str | None:
     """``shard-{000000..000009}.tar`` for ``--train-data`` (relative to the export folder)."""
     if not shards:
@@ -213,7 +253,9 @@ def plan_order_shards(export_dir: str | Path, rank: int = 0, world_size: int = 1
     ranks' shares are disjoint, cover the step, and every rank gets every step (as DDP needs).
     """
     root = Path(export_dir)
-    manifest = json.loads((root / "manifest.json").read_text())
+    manifest = export_card.read_manifest(root)
+    if manifest is None:
+        raise FileNotFoundError(f"{root} holds no export manifest ({export_card.MANIFEST}); is it a Thresher export?")
     if manifest.get("layout") != LAYOUT:
         raise ValueError(f"{root} was exported before shards followed steps (no layout {LAYOUT!r} in its "
                          "manifest); export it again to read it in plan order")
