@@ -77,7 +77,7 @@ def test_unknown_names_list_the_choices():
     with pytest.raises(KeyError) as err:
         registry.SELECTORS["mgi"]
     assert "unknown selector 'mgi' (did you mean mig?); choose from: mig, cabs, gais" in str(err.value)
-    with pytest.raises(KeyError, match="choose from: sharegpt, alpaca, openai, parquet, webdataset"):
+    with pytest.raises(KeyError, match="choose from: sharegpt, alpaca, openai, parquet, dpo, webdataset"):
         registry.lookup("exporter", "jsonl")
     with pytest.raises(KeyError, match="unknown step family 'selectors'"):
         registry.lookup("selectors", "mig")

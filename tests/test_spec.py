@@ -278,7 +278,7 @@ def test_run_image_text_example_end_to_end(tmp_path, capsys):
     assert "=== pipeline image_text_cabs (image_text) ===" in out
     assert "demo_nlvr: steps concepts, embed, index" in out and "CABS-DM plan of 5 steps" in out
     export = catalog / "exports" / "image_text_cabs"
-    manifest = json.loads((export / "manifest.json").read_text())
+    manifest = json.loads((export / ".manifest.json").read_text())
     assert manifest["samples"] == 60 and manifest["missing_from_dataset"] == 0  # 5 steps x batch 12
     with tarfile.open(export / manifest["shards"][0]) as tar:
         assert {n.rsplit(".", 1)[1] for n in tar.getnames()} == {"png", "txt", "json"}
@@ -288,7 +288,7 @@ def test_run_image_text_example_end_to_end(tmp_path, capsys):
     # unchanged: every stage skips itself, the export is rewritten whole
     assert _thresher_run(IMAGE_TEXT, catalog) == 0
     assert "(unchanged, skipped)" in capsys.readouterr().out
-    assert json.loads((export / "manifest.json").read_text())["samples"] == 60
+    assert json.loads((export / ".manifest.json").read_text())["samples"] == 60
 
 
 def test_run_instruction_example_end_to_end(tmp_path, capsys):
@@ -302,7 +302,7 @@ def test_run_instruction_example_end_to_end(tmp_path, capsys):
     assert [r["rank"] for r in rows] == list(range(40)) and all(r["tags"] for r in rows)
     export = catalog / "exports" / "demo_chat_mig40"
     for fmt in ("sharegpt", "alpaca", "openai", "parquet"):
-        manifest = json.loads((export / fmt / "manifest.json").read_text())
+        manifest = json.loads((export / fmt / ".manifest.json").read_text())
         assert manifest["rows"] == 40 and manifest["selection"]["algorithm"] == "mig"
 
 
