@@ -16,7 +16,11 @@ from PIL import Image
 
 from pipeline import query
 from pipeline.cli import main
-from pipeline.curate.webdataset_export import export_plan, plan_order_dataset, plan_order_shards
+from pipeline.curate.webdataset_export import (
+    export_plan,
+    plan_order_dataset,
+    plan_order_shards,
+)
 from pipeline.select.cabs_sampler import rank_share
 from pipeline.stages.ingest import run_ingest
 

@@ -103,7 +103,7 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
     parameters = {"format": "webdataset", "dataset": dataset, "plan": str(plan), "samples_per_shard": samples_per_shard,
                   "min_shards": min_shards, "shards_per_step": shards_per_step,
                   "concepts": concepts, "overwrite": overwrite, **(lineage or {})}
-    parts, where, k = _step_parts(rows, samples_per_shard, min_shards, shards_per_step)
+    parts, where, per_step = _step_parts(rows, samples_per_shard, min_shards, shards_per_step)
     read = [Path(plan), samples, *([concept_part] if concept_part is not None else [])]
     with export_run(cat, dataset, out, parameters, fingerprint(read)) as run:
         with staged_export_dir(out, overwrite) as stage:
@@ -123,14 +123,14 @@ def export_plan(catalog: str | Path, dataset: str, plan: str | Path, out_dir: st
                 sources[r["source_uri"]] = sources.get(r["source_uri"], 0) + 1
             manifest = {"dataset": dataset, "plan": str(plan), "shards": shards, "samples": len(rows),
                         "missing_from_dataset": missing, "steps": len({r["step"] for r in rows}),
-                        "layout": LAYOUT, "shards_per_step": k,
+                        "layout": LAYOUT, "shards_per_step": per_step,
                         "train_data": _brace_pattern(shards),
                         "shard_steps": [{"shard": name, "step": step, "part": p, "samples": sizes[name]}
                                         for name, (step, p) in zip(shards, where)],
                         "data_files": [{**rec, "samples": sizes[rec["path"]]}
                                        for rec in export_card.file_records(stage, shards)],
-                        "warnings": ([f"{len(shards)} shards < min_shards {min_shards} ({k} per step): "
-                                      "open_clip needs shards >= --workers x world size"]
+                        "warnings": ([(f"{len(shards)} shards < min_shards {min_shards} ({per_step} per step): "
+                                      "open_clip needs shards >= --workers x world size")]
                                      if shards and len(shards) < min_shards else []),
                         "concepts_from": concept_part.parent.name if concept_part else None,
                         "inputs": {"dataset": dataset, "plan": str(plan), "selection": (lineage or {}).get("selection"),
@@ -193,17 +193,17 @@ def _step_parts(rows: list[dict[str, Any]], samples_per_shard: int, min_shards: 
 
 
 def _card_body(m: dict[str, Any]) -> str:
-    lines = [f"Batch plan `{m['inputs']['selection'] or m['plan']}` of dataset `{m['dataset']}` exported by Thresher "
+    lines = [(f"Batch plan `{m['inputs']['selection'] or m['plan']}` of dataset `{m['dataset']}` exported by Thresher "
              f"as WebDataset: {m['samples']} samples of {m['steps']} planned steps in {len(m['shards'])} shards "
              f"({m['shards_per_step']} per step), keys `<step>_<position>` in plan order; `sizes.json` gives "
-             "the samples per shard.", "",
+             "the samples per shard."), "",
              "open_clip (shuffles shards and samples, so it trains on the planned set, not the batches):", "",
              "```bash", "python -m open_clip_train.main --dataset-type webdataset \\",
              f"    --train-data 'path/to/this/folder/{m['train_data']}' --workers 4 ...", "```", "",
-             "The CABS batches in plan order: `pipeline.curate.webdataset_export.plan_order_dataset(folder, rank, "
+             ("The CABS batches in plan order: `pipeline.curate.webdataset_export.plan_order_dataset(folder, rank, "
              "world_size)`; Hugging Face: `datasets.load_dataset(\"path/to/this/folder\", split=\"train\")`. "
              "Parameters, counts, the sha256 of every shard and the run id are in `.manifest.json`; "
-             "details in Thresher's docs/webdataset.md.", ""]
+             "details in Thresher's docs/webdataset.md."), ""]
     if m["warnings"]:
         lines += ["Warnings: " + "; ".join(m["warnings"]) + ".", ""]
     lines += ["## Sources", "", "| input file | samples | licence |", "|---|---|---|"]
