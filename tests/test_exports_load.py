@@ -22,10 +22,10 @@ import yaml
 
 datasets = pytest.importorskip("datasets")
 
-from pipeline import query  # noqa: E402
-from pipeline.curate.export_card import MANIFEST  # noqa: E402
-from pipeline.curate.materialise import export, materialise_instructions  # noqa: E402
-from pipeline.stages.ingest import run_ingest  # noqa: E402
+from pipeline import query
+from pipeline.curate.export_card import MANIFEST
+from pipeline.curate.materialise import export, materialise_instructions
+from pipeline.stages.ingest import run_ingest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "exports.md"
 CURATED = "chats_mig"  # the name the docs' snippets use
@@ -110,7 +110,7 @@ def _offline_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_export_loads_with_one_call(exports, fmt):
-    root, cat, n_picked, manifests = exports
+    root, _, n_picked, manifests = exports
     folder = root / "exports" / f"chats_{fmt}"
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest == manifests[fmt]
@@ -180,7 +180,7 @@ def test_dpo_export_pairs_chosen_and_rejected(exports):
 
 
 def test_manifest_lineage_and_card(exports):
-    root, cat, _, manifests = exports
+    root, _, _, manifests = exports
     m = manifests["openai"]
     assert m["parameters"] == {"curated": CURATED, "format": "openai", "rows_per_file": ROWS_PER_FILE,
                                "overwrite": False}
@@ -200,7 +200,7 @@ def test_manifest_lineage_and_card(exports):
 
 def _snippet(name: str) -> str:
     text = DOCS.read_text(encoding="utf-8")
-    found = re.search(rf"<!-- snippet: {re.escape(name)} -->\s*```\w*\n(.*?)```", text, re.S)
+    found = re.search(rf"<!-- snippet: {re.escape(name)} -->\s*```\w*\n(.*?)```", text, re.DOTALL)
     assert found, f"docs/exports.md has no snippet {name!r}"
     return found.group(1)
 

@@ -19,10 +19,11 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -408,14 +409,14 @@ LLAMA_FACTORY: dict[str, dict] = {
 
 def _card_body(m: dict) -> str:
     fmt = m["format"]
-    lines = [f"Curated set `{m['curated']}` of dataset `{m['inputs']['dataset']}` exported by Thresher as **{fmt}**: "
-             f"{m['rows']} rows in {len(m['files'])} file(s) under `{DATA_DIR}/`, in selection rank order.",
+    lines = [(f"Curated set `{m['curated']}` of dataset `{m['inputs']['dataset']}` exported by Thresher as **{fmt}**: "
+              f"{m['rows']} rows in {len(m['files'])} file(s) under `{DATA_DIR}/`, in selection rank order."),
              "", "```python", "from datasets import load_dataset", "",
              'ds = load_dataset("path/to/this/folder", split="train")', "```", ""]
     if m["filtered"]:
         lines += ["Left out: " + ", ".join(f"{n} ({reason})" for reason, n in sorted(m["filtered"].items())) + ".", ""]
-    lines += ["Parameters, counts, the sha256 of every data file and the run id are in `.manifest.json`; "
-              "trainer snippets in Thresher's docs/exports.md.", "", "## Sources", "",
+    lines += [("Parameters, counts, the sha256 of every data file and the run id are in `.manifest.json`; "
+               "trainer snippets in Thresher's docs/exports.md."), "", "## Sources", "",
               "| input file | rows | licence |", "|---|---|---|"]
     lines += [f"| {s['source_uri']} | {s['rows']} | {s['licence']} |" for s in m["inputs"]["sources"]]
     return "\n".join(lines)
