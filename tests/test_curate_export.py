@@ -89,3 +89,29 @@ def test_curate_and_export_errors(curated, tmp_path):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"sample_id": ["a"]}), bad)
     assert main(["curate", "--catalog", str(curated), "--dataset", "demo", "--picks", str(bad), "--name", "b"]) == 2
+
+
+def test_mig_pool_leaves_conversations_without_an_answer_out(tmp_path):
+    """No SFT export keeps them, so the MIG pool drops them before any budget is spent (issue 11)."""
+    from pipeline.curate import mig_pool
+
+    def record(k: int, answered: bool) -> dict:
+        dialog = [{"role": "user", "content": f"Question number {k}?"}]
+        if answered:
+            dialog.append({"role": "assistant", "content": f"Answer {k}."})
+        return {"dialogs": dialog, "annotation": {
+            "instag": {"content": [{"tag": "maths", "explanation": "."}]},
+            "deita": {"quality_scores": [2.0 + k / 10], "complexity_scores": [1.0]}}}
+
+    src = tmp_path / "pool.jsonl"
+    src.write_text("".join(json.dumps(record(k, answered=k % 4 != 0)) + "\n" for k in range(12)))
+    root = tmp_path / "cat"
+    run_ingest([str(src)], root, "x")
+    all_ids = set(query.run_query(root, "SELECT sample_id FROM samples").column("sample_id").to_pylist())
+    assert len(all_ids) == 12
+    pool = mig_pool.pool_from_catalog(root, "x")
+    assert len(pool.sample_ids) == 9 and pool.notes["without_assistant_answer_excluded"] == 3
+    unanswered = set(query.run_query(root, "SELECT sample_id FROM samples WHERE len(messages) = 1")
+                     .column("sample_id").to_pylist())
+    assert unanswered == all_ids - set(pool.sample_ids)
+    assert mig_pool.pool_notes(pool)[0] == "without an assistant answer: excluded 3 samples (no SFT export keeps them)"
