@@ -151,6 +151,7 @@ def test_answerless_rows_are_left_out_and_counted(exports):
     root, cat, _, manifests = exports
     info = json.loads((cat / "curated" / CURATED / "_curated.json").read_text())
     assert info["without_assistant_answer"] == 5  # the MT-bench questions: the curated set keeps them
+    assert materialise_instructions(cat, "mix", info["picks"], CURATED).without_assistant_answer == 5  # (skipped run)
     runs = query.run_query(cat, "SELECT parameters, counts FROM runs WHERE stage = 'export' ORDER BY started_at")
     by_format = {r["parameters"]["format"]: r["counts"] for r in runs.to_pylist()}
     for fmt in ("openai", "sharegpt", "alpaca", "parquet"):

@@ -32,5 +32,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     r = materialise_instructions(args.catalog, args.dataset, args.picks, name, args.algorithm, args.rows_per_shard,
                                  selection=args.selection, force=args.force)
     print(f"curated {r.rows} samples into {r.path} ({r.shards} shards)"
-          + (f"; {r.missing} picks not found in dataset {args.dataset!r}" if r.missing else ""))
+          + (f"; {r.missing} picks not found in dataset {args.dataset!r}" if r.missing else "")
+          + (f"; {r.without_assistant_answer} without an assistant answer (kept here, left out of SFT exports)"
+             if r.without_assistant_answer else ""))
     return 0

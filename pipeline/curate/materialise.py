@@ -52,6 +52,8 @@ class CuratedResult:
     rows: int
     shards: int
     missing: int  # picks whose sample is not in the dataset (reported, never silently dropped)
+    # kept in the curated set (it is the selection, whole), left out of every SFT export
+    without_assistant_answer: int = 0
 
 
 def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Path | None, name: str,
@@ -92,7 +94,8 @@ def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Pat
     with StageRun(cat, "curate", dataset, {"curated": cat.curated_dir(name)}, params, inputs, force=force) as run:
         if run.skipped:
             c = run.state["counts"]
-            return CuratedResult(name, str(cat.curated_dir(name)), c["rows_out"], c.get("shards", 1), c["missing"])
+            return CuratedResult(name, str(cat.curated_dir(name)), c["rows_out"], c.get("shards", 1), c["missing"],
+                                 c.get("without_assistant_answer", 0))
         table = _join(picks_table, samples, tags, quality)
         missing = picks_table.num_rows - table.num_rows
         # Kept in the curated set (it is the selection, whole) but counted: SFT exports leave them out.
@@ -108,7 +111,7 @@ def materialise_instructions(catalog: str | Path, dataset: str, picks: str | Pat
                            "run_id": run.run_id, **lineage}, staging / "_curated.json")
         run.commit({"rows_in": picks_table.num_rows, "rows_out": table.num_rows, "missing": missing,
                     "shards": n_shards, "without_assistant_answer": answerless})
-    return CuratedResult(name, str(cat.curated_dir(name)), table.num_rows, n_shards, missing)
+    return CuratedResult(name, str(cat.curated_dir(name)), table.num_rows, n_shards, missing, answerless)
 
 
 def _join(picks_table: pa.Table, samples: Path, tags: Path | None, quality: Path | None) -> pa.Table:
