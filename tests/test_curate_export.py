@@ -83,9 +83,13 @@ def test_layouts_of_multi_turn_and_unanswered_conversations():
     assert to_layout(unanswered, "openai") is None
 
 
-def test_curate_and_export_errors(curated, tmp_path):
+def test_curate_and_export_errors(curated, tmp_path, capsys):
     assert main(["export", "--catalog", str(curated), "--curated", "nope", "--format", "alpaca",
                  "--out", str(tmp_path)]) == 2
+    # the demo inputs carry no rejected side: a dpo export is refused before anything is written
+    assert main(["export", "--catalog", str(curated), "--curated", "longest", "--format", "dpo",
+                 "--out", str(tmp_path / "dpo")]) == 2
+    assert "has a rejected side" in capsys.readouterr().err and not (tmp_path / "dpo").exists()
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"sample_id": ["a"]}), bad)
     assert main(["curate", "--catalog", str(curated), "--dataset", "demo", "--picks", str(bad), "--name", "b"]) == 2
