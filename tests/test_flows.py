@@ -93,8 +93,10 @@ def test_curate_image_text_flow_end_to_end(tmp_path, demo_data):
     assert plan["cabs"]["distinct_concepts"] >= plan["iid"]["distinct_concepts"]
     export = out["export"]
     assert export["samples"] == 30 and export["missing_from_dataset"] == 0
-    with tarfile.open(tmp_path / "cat" / "exports" / "nlvr_cabs_dm" / export["shards"][0]) as tar:
-        names = tar.getnames()
+    names = []
+    for shard in export["shards"]:  # shards follow the plan's steps (several per step for loader workers)
+        with tarfile.open(tmp_path / "cat" / "exports" / "nlvr_cabs_dm" / shard) as tar:
+            names += tar.getnames()
     assert len(names) == 90 and {n.rsplit(".", 1)[1] for n in names} == {"png", "txt", "json"}
     views = query.run_query(tmp_path / "cat", "SELECT count(*) AS n FROM concepts").to_pylist()
     assert views == [{"n": 117}]
