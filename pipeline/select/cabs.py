@@ -40,6 +40,8 @@ from typing import Literal
 import numpy as np
 from numba import njit
 
+from pipeline.select.heap import sift_down
+
 DmMode = Literal["paper", "reference"]
 REFERENCE_CAP = 10  # per-concept cap of the reference code ("per device")
 REFERENCE_PAST_TARGET = -0.5  # the reference's per-concept score once c reached its target
@@ -572,30 +574,6 @@ def _lazy_greedy(
 
 
 @njit(cache=True, nogil=True)
-def _sift_down(keys: np.ndarray, rows: np.ndarray, size: int, pos: int) -> None:
-    """Restore the heap below ``pos``: larger key first, then the lower row (super-batch position).
-
-    Keys sit next to their rows in the heap arrays, so a level compares adjacent memory.
-    """
-    key, row = keys[pos], rows[pos]
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            break
-        ck, cr = keys[child], rows[child]
-        if child + 1 < size:
-            k2, r2 = keys[child + 1], rows[child + 1]
-            if k2 > ck or (k2 == ck and r2 < cr):
-                child += 1
-                ck, cr = k2, r2
-        if not (ck > key or (ck == key and cr < row)):
-            break
-        keys[pos], rows[pos] = ck, cr
-        pos = child
-    keys[pos], rows[pos] = key, row
-
-
-@njit(cache=True, nogil=True)
 def _dm_kernel(ptr, cl, candidates, terms, b, paper, target, targets, inv_freq, cap, stop_at_zero):
     """Exact lazy greedy of both DM modes over the rows ``cl[ptr[i]:ptr[i + 1]]``.
 
@@ -627,7 +605,7 @@ def _dm_kernel(ptr, cl, candidates, terms, b, paper, target, targets, inv_freq, 
             s += terms[cl[p]]
         keys[j] = s / max(ptr[i + 1] - ptr[i], 1)
     for pos in range(size // 2 - 1, -1, -1):
-        _sift_down(keys, rows, size, pos)
+        sift_down(keys, rows, size, pos)
     done = 0
     rescored = 0
     while done < b and size > 0:
@@ -650,13 +628,13 @@ def _dm_kernel(ptr, cl, candidates, terms, b, paper, target, targets, inv_freq, 
                 keys[0] = s / (hi - lo)
                 stamp[top] = done
             if size > 0:
-                _sift_down(keys, rows, size, 0)
+                sift_down(keys, rows, size, 0)
             continue
         g = keys[0]
         size -= 1
         keys[0], rows[0] = keys[size], rows[size]
         if size > 0:
-            _sift_down(keys, rows, size, 0)
+            sift_down(keys, rows, size, 0)
         picks[done] = top
         gains[done] = g
         done += 1

@@ -46,6 +46,7 @@ import scipy.sparse as sp
 from numba import njit
 
 from pipeline.annotate.deita import DeitaScore, deita_score
+from pipeline.select.heap import sift_down
 
 # Default similarity threshold for all-MiniLM-L6-v2 label embeddings. The paper's T = 0.9 is for
 # E5-Mistral-7B, whose cosines sit much higher; with MiniLM, T = 0.9 leaves 99% of InsTag labels
@@ -421,30 +422,6 @@ def _greedy_inputs(ehat: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray, np.n
 
 
 @njit(cache=True, nogil=True)
-def _sift_down(keys: np.ndarray, rows: np.ndarray, size: int, pos: int) -> None:
-    """Restore the max-heap below ``pos``: larger bound first, then the lower pool index.
-
-    Bounds sit next to their rows in the heap arrays, so a level compares adjacent memory.
-    """
-    key, row = keys[pos], rows[pos]
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            break
-        ck, cr = keys[child], rows[child]
-        if child + 1 < size:
-            k2, r2 = keys[child + 1], rows[child + 1]
-            if k2 > ck or (k2 == ck and r2 < cr):
-                child += 1
-                ck, cr = k2, r2
-        if not (ck > key or (ck == key and cr < row)):
-            break
-        keys[pos], rows[pos] = ck, cr
-        pos = child
-    keys[pos], rows[pos] = key, row
-
-
-@njit(cache=True, nogil=True)
 def _row_gain(indptr, indices, data, dphi, i):
     s = 0.0
     for p in range(indptr[i], indptr[i + 1]):
@@ -508,7 +485,7 @@ def _refill(keys, rows, cold_keys, cold_rows, n_cold, hot_size):
             cold_keys[kept], cold_rows[kept] = cold_keys[j], cold_rows[j]
             kept += 1
     for pos in range(size // 2 - 1, -1, -1):
-        _sift_down(keys, rows, size, pos)
+        sift_down(keys, rows, size, pos)
     return cut, size, kept
 
 
@@ -563,13 +540,13 @@ def _greedy_kernel(indptr, indices, data, k, budget, pow_form, phi_b, phi_a, phi
                 size -= 1
                 keys[0], rows[0] = keys[size], rows[size]
             if size > 0:
-                _sift_down(keys, rows, size, 0)
+                sift_down(keys, rows, size, 0)
         picks[t] = top
         gains[t] = keys[0]
         size -= 1
         keys[0], rows[0] = keys[size], rows[size]
         if size > 0:
-            _sift_down(keys, rows, size, 0)
+            sift_down(keys, rows, size, 0)
         lo, hi = indptr[top], indptr[top + 1]
         touched = False
         for p in range(lo, hi):

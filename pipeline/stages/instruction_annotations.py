@@ -125,7 +125,9 @@ class OfflineQualityFn(ShardFn):
         return pa.Table.from_pylist(rows, schema=schemas.QUALITY_ANNOTATIONS) if rows else schemas.QUALITY_ANNOTATIONS.empty_table()
 
 
-class LLMTagFn(ShardFn):
+class _LLMFn(ShardFn):
+    """One LLM client (with its reply cache) per worker, made on first use."""
+
     def __init__(self, annotator: str, config: LLMConfig, cache_path: str | None):
         self.annotator, self.config, self.cache_path = annotator, config, cache_path
         self._llm: LLMAnnotator | None = None
@@ -134,6 +136,8 @@ class LLMTagFn(ShardFn):
         if self._llm is None:
             self._llm = LLMAnnotator(self.config, self.cache_path)
 
+
+class LLMTagFn(_LLMFn):
     def __call__(self, table: pa.Table) -> pa.Table:
         self.setup()
         ids, messages = table["sample_id"].to_pylist(), table["messages"].to_pylist()
@@ -145,15 +149,7 @@ class LLMTagFn(ShardFn):
         return pa.Table.from_pylist(rows, schema=schemas.LLM_TAG_ANNOTATIONS) if rows else schemas.LLM_TAG_ANNOTATIONS.empty_table()
 
 
-class LLMQualityFn(ShardFn):
-    def __init__(self, annotator: str, config: LLMConfig, cache_path: str | None):
-        self.annotator, self.config, self.cache_path = annotator, config, cache_path
-        self._llm: LLMAnnotator | None = None
-
-    def setup(self) -> None:
-        if self._llm is None:
-            self._llm = LLMAnnotator(self.config, self.cache_path)
-
+class LLMQualityFn(_LLMFn):
     def __call__(self, table: pa.Table) -> pa.Table:
         self.setup()
         ids, messages = table["sample_id"].to_pylist(), table["messages"].to_pylist()
