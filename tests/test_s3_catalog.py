@@ -329,8 +329,8 @@ def test_unsupported_commands_and_stages_stop_at_once(bucket_url, tmp_path, caps
                      "--name", "n"]) == 2
     err = capsys.readouterr().err
     assert "does not support object-storage catalogs yet" in err and len(err.strip().splitlines()) == 1
-    assert cli.main(["export", "--catalog", str(tmp_path / "local"), "--format", "sharegpt", "--curated", "x",
-                     "--out", bucket_url + "/exports/x"]) == 2
+    assert cli.main(["select", "mig", "--catalog", str(tmp_path / "local"), "--input", "pool.jsonl", "--budget", "3",
+                     "--out", bucket_url + "/picks.parquet"]) == 2
     assert "--out does not support object storage yet" in capsys.readouterr().err
     assert not (tmp_path / "local").exists() and not Path("s3:").exists()
     cat = Catalog.at(bucket_url)
@@ -408,3 +408,28 @@ def test_publish_export_to_s3(bucket_url, tmp_path):
     st.fs.pipe_file(other + "/precious.bin", b"x")
     with pytest.raises(FileExistsError, match="no Thresher export"):
         publish_export(local, other, overwrite=True)
+
+
+def test_export_command_publishes_to_s3(bucket_url, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+    from pipeline.curate.materialise import materialise_instructions
+
+    cat = tmp_path / "cat"
+    run_ingest([str(_jsonl(tmp_path / "a.jsonl", _qa("a", 6)))], cat, "d")
+    ids = pq.read_table(Catalog.at(cat).samples_partition("instruction", "d")).column("sample_id").to_pylist()
+    picks = tmp_path / "picks.parquet"
+    pq.write_table(pa.table({"rank": list(range(4)), "sample_id": ids[:4], "gain": [1.0] * 4}), picks)
+    materialise_instructions(cat, "d", picks, "best")
+    target = bucket_url.rsplit("/", 1)[0] + "/exports/best"
+    argv = ["export", "--catalog", str(cat), "--curated", "best", "--format", "openai", "--out", target]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"to {target}" in out and "published" in out
+    st = Catalog.at(bucket_url).storage
+    st.fs.invalidate_cache()
+    assert json.loads(st.fs.cat_file(target + "/.manifest.json"))["rows"] == 4
+    assert main(argv) == 2  # a second export into a non-empty target needs --overwrite
+    assert main([*argv, "--overwrite"]) == 0
