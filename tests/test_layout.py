@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ["pipeline.annotate", "pipeline.embed", "pipeline.index", "pipeline.select", "pipeline.curate",
              "pipeline.io", "pipeline.evaluate", "pipeline.report", "schemas"]
+MODULES = ["pipeline.registry", "pipeline.spec", "pipeline.steps", "pipeline.components"]  # single-file libraries
 
 
 def _modules(package: str) -> list[str]:
@@ -30,6 +31,11 @@ def _frameworks_after_import(modules: list[str]) -> set[str]:
 @pytest.mark.parametrize("package", LIBRARIES)
 def test_libraries_import_no_framework(package):
     assert _frameworks_after_import(_modules(package)) == set(), f"{package} pulls in a framework"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_single_modules_import_no_framework(module):
+    assert _frameworks_after_import([module]) == set(), f"{module} pulls in a framework"
 
 
 def test_beam_stages_import_no_prefect():
