@@ -339,7 +339,8 @@ def test_never_short_in_any_mode(seed: int) -> None:
 
 def assert_same_batch(fast, previous) -> None:
     assert fast.indices.tolist() == previous.indices.tolist()
-    np.testing.assert_array_equal(fast.gains, previous.gains)  # bit for bit (NaN where both fill)
+    # NaN where both fill; equal here bit for bit, a last-bit tolerance keeps it portable across CPUs
+    np.testing.assert_allclose(fast.gains, previous.gains, rtol=1e-12, atol=0, equal_nan=True)
     assert (fast.zero_gain_count, fast.random_fill_count, fast.padded_count) == (
         previous.zero_gain_count, previous.random_fill_count, previous.padded_count)
     assert (fast.n_distinct_concepts, fast.target, fast.mode) == (
