@@ -29,7 +29,8 @@ def _instruction_dataset(spec: PipelineSpec, dataset: str, workers: int, force: 
     model = None  # the embeddings folder the embed step wrote (what the index and GAIS read)
     for step in spec.steps:
         if step.step == "embed":
-            out["embed"] = instructions.embed_task(catalog, dataset, workers, force, step.params["tier"])
+            out["embed"] = instructions.embed_task(catalog, dataset, workers, force, step.params["tier"],
+                                                   step.params["precision"])
             model = out["embed"]["model"]
         elif step.step == "index":
             out["index"] = instructions.index_task(catalog, dataset, model, step.params["near_dup_threshold"], force)

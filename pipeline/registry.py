@@ -213,6 +213,7 @@ class Registry(Mapping[str, Entry]):
 
 
 TIERS = "pipeline.embed.tiers:TIERS"  # text-embedding tiers, kept beside their builders
+PRECISIONS = "pipeline.embed.sentence:PRECISIONS"
 
 # ------------------------------------------------------------------------------ annotators
 
@@ -273,6 +274,8 @@ EMBEDDERS = Registry("embedder", (
           "pipeline.stages.embeddings:run_text_embedding", (
               Param("model", str, None, "sentence-transformers folder or cached name (default: bundled MiniLM)"),
               Param("tier", str, "fp32", "encoder tier (docs/embedding_tiers.md)", TIERS),
+              Param("precision", str, "auto", "fp32 tier's compute precision: auto = fp16 on a GPU, bf16 on a "
+                    "CPU with native bf16, else fp32", PRECISIONS),
               Param("batch_size", int, None), Param("max_chars", int, None),
               Param("device", str, None), Param("name", str, None, "embeddings folder name")),
           option="text"),

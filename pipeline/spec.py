@@ -79,7 +79,7 @@ FLOW_PARAMS: dict[str, tuple[str, ...]] = {
     # output names (``name``: later steps look annotations up by their default names) and what
     # the flow fills in itself (MIG's and CABS's ``near_dups`` from the index step, GAIS's
     # ``embeddings`` and ``sample_kind``, the webdataset exporter's ``dataset``).
-    "text": ("tier",),  # the curate_instructions embed task: the bundled MiniLM
+    "text": ("tier", "precision"),  # the curate_instructions embed task: the bundled MiniLM
     "clip": ("model_name", "pretrained"),
     "offline_tags": ("vocabulary", "top_k", "threshold", "tier", "device"),
     "llm_tags": _LLM,

@@ -64,7 +64,8 @@ def test_conversation_text_keeps_both_sides_within_budget():
 
 def test_text_embedding_covers_every_sample_matches_the_model_and_is_deterministic(text_catalog):
     cat = text_catalog
-    res = run_text_embedding(cat.root, "mt", batch_size=16, max_chars=384)
+    # fp32 compute, so it can be held to a direct sentence-transformers call (auto may pick bf16)
+    res = run_text_embedding(cat.root, "mt", batch_size=16, max_chars=384, precision="fp32")
     assert not res.skipped and res.model == "all-MiniLM-L6-v2" and res.dim == 384
     part = cat.embedding_partition("all-MiniLM-L6-v2", "mt")
     src = cat.samples_partition("instruction", "mt")
@@ -89,12 +90,22 @@ def test_text_embedding_covers_every_sample_matches_the_model_and_is_determinist
     direct = embed_texts(shared_sentence_model(), [texts[s] for s in ids])
     np.testing.assert_allclose(vecs, direct, atol=2e-5)
 
-    assert run_text_embedding(cat.root, "mt", batch_size=16, max_chars=384).skipped
-    again = run_text_embedding(cat.root, "mt", batch_size=16, max_chars=384, force=True)
+    assert run_text_embedding(cat.root, "mt", batch_size=16, max_chars=384, precision="fp32").skipped
+    again = run_text_embedding(cat.root, "mt", batch_size=16, max_chars=384, force=True, precision="fp32")
     assert not again.skipped
     ids2, vecs2 = read_embeddings(part)
     assert ids2 == ids
     np.testing.assert_allclose(vecs2, vecs, atol=1e-6)
+
+    # bf16 compute (emulated where the CPU lacks it: slower, same numbers): a changed precision
+    # re-embeds, is recorded, and stays within bf16 rounding of fp32
+    bf16 = run_text_embedding(cat.root, "mt", batch_size=16, max_chars=384, precision="bf16")
+    assert not bf16.skipped and bf16.extra["precision"] == "bf16" and "bf16 compute" in bf16.summary()
+    assert read_embedding_metadata(part)["precision"] == "bf16"
+    ids3, vecs3 = read_embeddings(part)
+    assert ids3 == ids
+    cos = (vecs3 * vecs).sum(1)
+    assert cos.min() > 0.999 and cos.mean() > 0.9999
 
 
 def test_clip_embedding_writes_image_text_and_scores(image_catalog):

@@ -78,3 +78,24 @@ def test_model_digest_is_stable_and_detects_changes(tmp_path) -> None:
     assert model_digest(tmp_path) != first
     with pytest.raises(FileNotFoundError):
         model_digest(tmp_path / "missing")
+
+
+def test_precision_auto_follows_the_cpu_flags_and_device(tmp_path, monkeypatch) -> None:
+    from pipeline.embed import sentence
+
+    with_bf16 = tmp_path / "bf16"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
+    without = tmp_path / "plain"
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert sentence.native_bf16_cpu(with_bf16) and not sentence.native_bf16_cpu(without)
+    assert not sentence.native_bf16_cpu(tmp_path / "missing")  # other OSes: no /proc/cpuinfo
+
+    monkeypatch.setattr(sentence, "native_bf16_cpu", lambda: True)
+    assert sentence.pick_precision("auto", "cpu") == "bf16" and sentence.pick_precision(None, "cuda:0") == "fp16"
+    monkeypatch.setattr(sentence, "native_bf16_cpu", lambda: False)
+    assert sentence.pick_precision("auto", "cpu") == "fp32"
+    assert sentence.pick_precision("bf16", "cpu") == "bf16" and sentence.pick_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ValueError, match="CUDA"):
+        sentence.pick_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="choose one of"):
+        sentence.pick_precision("int4", "cpu")

@@ -104,6 +104,40 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# Compute precision of the torch (fp32-weights) text encoder. ``auto``: fp16 on a GPU; bf16 on a
+# CPU that multiplies bf16 natively (AVX512-BF16 / AMX), where it runs ~2x fp32 at cosine >= 0.9999
+# to fp32 on real conversations (docs/embedding_tiers.md); fp32 anywhere else.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def native_bf16_cpu(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bf16 dot-product instructions (x86-64 Linux flags ``avx512_bf16`` or
+    ``amx_bf16``). Elsewhere (other OSes, ARM) False: bf16 is then emulated and slower than fp32."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return bool(_NATIVE_BF16_FLAGS & set(line.split(":", 1)[-1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def pick_precision(precision: str | None, device: str) -> str:
+    """The compute precision ``precision`` (one of :data:`PRECISIONS`, None = ``auto``) means on ``device``."""
+    precision = precision or "auto"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    on_gpu = str(device).startswith("cuda")
+    if precision == "auto":
+        return "fp16" if on_gpu else ("bf16" if native_bf16_cpu() else "fp32")
+    if precision == "fp16" and not on_gpu:
+        raise ValueError("precision fp16 needs a CUDA device; on a CPU use fp32, or bf16 where the CPU has "
+                         "AVX512-BF16 / AMX (auto picks it)")
+    return precision
+
+
 def load_sentence_embedder(
     name_or_path: str | os.PathLike[str] | None = None, device: str | None = None
 ) -> "SentenceTransformer":

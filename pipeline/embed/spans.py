@@ -136,8 +136,10 @@ class TorchTokenEncoder:
     refused rather than silently pooled differently from how they were trained.
     """
 
-    def __init__(self, st_model: Any):
+    def __init__(self, st_model: Any, precision: str | None = "fp32"):
         import torch
+
+        from pipeline.embed.sentence import pick_precision
 
         modules = list(st_model)
         pooling = next((m for m in modules if type(m).__name__ == "Pooling"), None)
@@ -153,8 +155,10 @@ class TorchTokenEncoder:
         get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self.device = next(self.transformer.parameters()).device
-        # fp16 halves memory traffic on a GPU; on a CPU it is slower than fp32, so it stays fp32.
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        # Weights stay fp32; matrix products run under autocast at ``precision`` (layer norms and
+        # softmax stay fp32): fp16 on a GPU, bf16 on CPUs with native bf16 (see pick_precision).
+        self.precision = pick_precision(precision, self.device.type)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
     def token_states(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import torch

@@ -45,7 +45,9 @@ def text_vectors(root: str | os.PathLike, texts: Sequence[str], model: str | Non
         from pipeline.embed.spans import encode_texts
         from pipeline.embed.tiers import load_token_encoder
 
-        encoded = encode_texts(load_token_encoder(tier, model, device), missing)
+        # Few texts (labels, tag descriptions), so always full fp32: the cache is not keyed by
+        # precision, and entries should not depend on which machine wrote them first.
+        encoded = encode_texts(load_token_encoder(tier, model, device, precision="fp32"), missing)
         known.update(zip(missing, encoded))
         dim = encoded.shape[1]
         all_texts = list(known)

@@ -277,6 +277,7 @@ class Int8OnnxTokenEncoder:
     """:class:`TokenEncoder` over the int8 ONNX graph of :func:`build_int8` (CPU execution provider)."""
 
     tier = "int8"
+    precision = "int8"
     fp32_digest: str | None = None  # set by load_token_encoder (from the build manifest)
 
     def __init__(self, folder: str | os.PathLike[str], *, dim: int | None = None, max_tokens: int | None = None,
@@ -390,6 +391,7 @@ class StaticTokenEncoder:
     """
 
     tier = "static"
+    precision = "fp16"  # the distilled token vectors are stored as float16
     fp32_digest: str | None = None  # set by load_token_encoder (from the build manifest)
 
     def __init__(self, folder: str | os.PathLike[str], *, digest: str | None = None,
@@ -457,11 +459,12 @@ class Fp32TokenEncoder:
 
     tier = "fp32"
 
-    def __init__(self, st_model: Any) -> None:
+    def __init__(self, st_model: Any, precision: str | None = "fp32") -> None:
         from pipeline.embed.sentence import sentence_weights_digest
         from pipeline.embed.spans import TorchTokenEncoder
 
-        self.inner = TorchTokenEncoder(st_model)
+        self.inner = TorchTokenEncoder(st_model, precision)
+        self.precision = self.inner.precision
         self.dim = self.inner.dim
         self.max_tokens = self.inner.max_tokens
         self.digest = sentence_weights_digest(st_model)
@@ -477,7 +480,7 @@ _encoders_lock = threading.Lock()
 
 def load_token_encoder(tier: str = "fp32", model: str | os.PathLike[str] | None = None,
                        device: str | None = None, threads: int | None = None, *,
-                       fp32_digest: str | None = None) -> Any:
+                       fp32_digest: str | None = None, precision: str | None = "auto") -> Any:
     """The text encoder of ``tier`` (one of :data:`TIERS`), loaded once per process.
 
     ``model``: the fp32 sentence-transformers model the tier is derived from (``None``: the bundled
@@ -490,7 +493,10 @@ def load_token_encoder(tier: str = "fp32", model: str | os.PathLike[str] | None 
     fp32 model is loaded, and a digest that differs raises
     :class:`pipeline.stages.model_handlers.WeightsMismatch`.
 
-    Every encoder has ``tier``, ``dim``, ``digest`` (fp32: the fp32 weights digest; derived tiers:
+    ``precision``: the fp32 tier's compute precision (:data:`pipeline.embed.sentence.PRECISIONS`;
+    ``auto``: fp16 on a GPU, bf16 on a CPU with native bf16, else fp32); the derived tiers ignore it.
+
+    Every encoder has ``tier``, ``precision`` (resolved), ``dim``, ``digest`` (fp32: the fp32 weights digest; derived tiers:
     a sha256 of the built files, which differ per tier and build recipe), ``max_tokens`` and
     ``token_states``.
     """
@@ -501,11 +507,12 @@ def load_token_encoder(tier: str = "fp32", model: str | os.PathLike[str] | None 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = resolve_model_path(model)
-    key = (tier, path, device if tier == "fp32" else "cpu", threads, str(cache_root()))
+    fp32 = tier == "fp32"
+    key = (tier, path, device if fp32 else "cpu", threads, precision if fp32 else None, str(cache_root()))
     with _encoders_lock:
         encoder = _ENCODERS.get(key)
         if encoder is None:
-            encoder = _load(tier, path, device, threads, fp32_digest)
+            encoder = _load(tier, path, device, threads, fp32_digest, precision)
             _ENCODERS[key] = encoder
     if fp32_digest is not None and encoder.fp32_digest != fp32_digest:
         from pipeline.embed.sentence import WeightsMismatch
@@ -518,7 +525,8 @@ def load_token_encoder(tier: str = "fp32", model: str | os.PathLike[str] | None 
 _BUILDS = {"int8": INT8_BUILD, "static": STATIC_BUILD}
 
 
-def _load(tier: str, path: str, device: str | None, threads: int | None, known_digest: str | None) -> Any:
+def _load(tier: str, path: str, device: str | None, threads: int | None, known_digest: str | None,
+          precision: str | None = "auto") -> Any:
     if known_digest is not None and tier != "fp32":
         # Lean path: nothing here imports torch or transformers (pipeline.stages.model_handlers does).
         folder = tier_folder(_BUILDS[tier], known_digest)
@@ -536,7 +544,7 @@ def _load(tier: str, path: str, device: str | None, threads: int | None, known_d
             import torch
 
             torch.set_num_threads(int(threads))
-        encoder = Fp32TokenEncoder(shared_sentence_model(path, device))
+        encoder = Fp32TokenEncoder(shared_sentence_model(path, device), precision)
         if known_digest is not None and encoder.digest != known_digest:
             raise WeightsMismatch(f"fp32 text model {path}: weights digest {encoder.digest[:16]}... "
                                   f"differs from the expected {known_digest[:16]}...")

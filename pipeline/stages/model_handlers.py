@@ -50,6 +50,7 @@ class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
         *,
         tier: str = "fp32",
         device: str | None = None,
+        precision: str | None = "auto",
         batch_size: int = 64,
         min_batch_size: int | None = None,
         expected_digest: str | None = None,
@@ -60,6 +61,7 @@ class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
         self.model_ref = None if model is None else os.fspath(model)
         self.tier = tier
         self.device = device
+        self.precision = precision
         self.batch_size = batch_size
         self.expected_digest = expected_digest
         self.fp32_digest = fp32_digest  # lets a derived tier load from the cache without torch
@@ -71,7 +73,7 @@ class SpanEmbeddingHandler(ModelHandler[Any, np.ndarray, Any]):
 
         encoder = load_token_encoder(self.tier, self.model_ref, self.device,
                                      threads=worker_threads(self.local_workers) if self.local_workers > 1 else None,
-                                     fp32_digest=self.fp32_digest)
+                                     fp32_digest=self.fp32_digest, precision=self.precision)
         check_digest(encoder.digest, self.expected_digest, f"text model {self.model_ref} ({self.tier})")
         return encoder
 
