@@ -41,14 +41,17 @@ def demo_flow(catalog: str, workers: int = 1, force: bool = False) -> dict[str, 
     from pipeline.embed.clip import TINY_MODEL
 
     specs = {s.dataset: s for s in demo_specs()}
-    out: dict[str, Any] = {"ingest": ingest_flow(list(specs.values()), catalog, workers=workers, force=force)}
-    out["instructions"] = curate_instructions(specs["demo_instructions"], catalog, DEMO_MIG_BUDGET,
-                                              name="demo_mig", workers=workers, force=force)
+    # The curation flows run inline (``.fn``): their tasks are this run's tasks. As subflows each
+    # cost ~0.7-1 s of API round trips on the temporary server (a tracking task run, a flow run and
+    # its states), more than every stage of an unchanged demo together.
+    out: dict[str, Any] = {"ingest": ingest_flow.fn(list(specs.values()), catalog, workers=workers, force=force)}
+    out["instructions"] = curate_instructions.fn(specs["demo_instructions"], catalog, DEMO_MIG_BUDGET,
+                                                 name="demo_mig", workers=workers, force=force)
     if "demo_nlvr" in specs:
         # No CLIP weights ship: the demo uses a tiny random-init open_clip model for the plumbing
         # (registered with open_clip where it is loaded, so an unchanged run never imports it).
-        out["image_text"] = curate_image_text(specs["demo_nlvr"], catalog, model_name=TINY_MODEL,
-                                              workers=workers, force=force, **DEMO_CABS)
+        out["image_text"] = curate_image_text.fn(specs["demo_nlvr"], catalog, model_name=TINY_MODEL,
+                                                 workers=workers, force=force, **DEMO_CABS)
     return out
 
 
