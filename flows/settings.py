@@ -20,6 +20,8 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.
 def configure_local_prefect() -> None:
     """Set before Prefect starts its ephemeral server; explicit user settings win."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's client-side usage telemetry (and its first-run notice on a terminal): offline here.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     # The first ephemeral start migrates a SQLite database and can take ~20 s on a small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -313,16 +314,24 @@ def load_clip(
         else:
             path, tag_cfg = resolve_pretrained_tag(model_name, text, cache_dir=cache_dir, allow_download=allow_download)
             state, source = load_state_dict_safely(path), f"tag:{text}:{path}"
-    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        model = open_clip.create_model(
-            model_name,
-            pretrained=None,
-            device="cpu",
-            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
-            force_preprocess_cfg=tag_cfg or None,
-            pretrained_text=False,  # hf text towers would otherwise fetch their base weights
-        )
+    # open_clip warns "No pretrained weights loaded" for pretrained=None, which is always what it is
+    # given here: the weights (if any) are loaded below, from a checked file. The warning is wrong
+    # for those, and for random weights the CLI says so itself.
+    root = logging.getLogger()
+    root.addFilter(_no_weights_warning)
+    try:
+        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+            torch.manual_seed(seed)
+            model = open_clip.create_model(
+                model_name,
+                pretrained=None,
+                device="cpu",
+                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+                force_preprocess_cfg=tag_cfg or None,
+                pretrained_text=False,  # hf text towers would otherwise fetch their base weights
+            )
+    finally:
+        root.removeFilter(_no_weights_warning)
     if state is not None:
         _load_weights_into(model, state, source)
         del state
@@ -343,6 +352,10 @@ def load_clip(
         image_size=(int(size[0]), int(size[1])),
         seed=seed,
     )
+
+
+def _no_weights_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("No pretrained weights loaded")
 
 
 _CACHE: OrderedDict[tuple, ClipModel] = OrderedDict()

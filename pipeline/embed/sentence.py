@@ -152,7 +152,11 @@ def load_sentence_embedder(
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
+    from transformers.utils import logging as hf_logging
+
     resolved = resolve_model_path(name_or_path)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a sub-second "Loading weights" bar amid the stage's own
     try:
         return SentenceTransformer(resolved, device=pick_device(device))
     except OSError as exc:
@@ -160,6 +164,9 @@ def load_sentence_embedder(
             f"Could not load sentence embedder {resolved!r} offline ({exc}). Pass a local model "
             "folder, or leave name_or_path unset to use the bundled all-MiniLM-L6-v2."
         ) from exc
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def embed_texts(
