@@ -4,7 +4,8 @@ The input is ``--n`` real instruction rows (JSONL lines copied unchanged, half f
 and half from the self-instruct T0 file of ../shared/data/instructions, or of demo_data/ when that
 folder is absent), dealt into ``--files`` files so that the Dask runner has several units of
 work (it parallelises over input files and shards; see docs/cluster.md). Each mode ingests them
-into a fresh catalog (``--files`` shards) and embeds them with the bundled MiniLM (fp32):
+into a fresh catalog (``--files`` shards) and embeds them with the bundled MiniLM (fp32 weights
+and fp32 compute: ``precision="fp32"``, the same in every mode):
 
 - ``inproc``: Beam's in-process FnApiRunner, one worker (the default ``thresher`` run);
 - ``dask1`` / ``dask2``: ``--runner dask --dask_client_address ...`` against a
@@ -84,7 +85,7 @@ def warm(client) -> None:
         from pipeline.embed.tiers import load_token_encoder
         from pipeline.stages import embeddings, ingest  # noqa: F401
 
-        load_token_encoder("fp32", None, None)
+        load_token_encoder("fp32", None, None, precision="fp32")
         return os.getpid()
 
     client.run(load)
@@ -111,7 +112,7 @@ def run_mode(mode: str, inputs: Path, files: int, root: Path) -> dict:
             ingest_s = time.perf_counter() - t0
         with PeakRss() as rss_embed:
             t0 = time.perf_counter()
-            emb = run_text_embedding(root, "bench", beam_args=beam_args)
+            emb = run_text_embedding(root, "bench", beam_args=beam_args, precision="fp32")
             embed_s = time.perf_counter() - t0
     finally:
         if client is not None:
@@ -141,7 +142,8 @@ def main() -> None:
     from pipeline.stages.embeddings import read_embeddings
 
     logging.getLogger("distributed").setLevel(logging.ERROR)  # cluster start/stop chatter
-    load_token_encoder("fp32", None, None)  # torch and the model in the driver before any timing
+    # torch and the model in the driver before any timing (fp32 compute, as every mode's embed stage)
+    load_token_encoder("fp32", None, None, precision="fp32")
     work = Path(tempfile.mkdtemp(prefix="dask_workers_"))
     try:
         folder = data_folder()

@@ -1,28 +1,33 @@
-"""Text-embedding tiers (fp32 torch, int8 ONNX Runtime, static model2vec): speed, cost, agreement.
+"""Text-embedding variants (fp32 and bf16 torch, int8 ONNX Runtime, static model2vec): speed, cost, agreement.
 
 The input is ``--n`` real conversations from ../shared/data/instructions, a mix of maths, code,
 role-play, tool use, NLP tasks and multi-turn chats, each turned into the text the embed stage
 encodes (``pipeline.embed.spans.conversation_spans``: user turns, then the answer; 1,024 chars at
-most). Every tier (``pipeline.embed.tiers.load_token_encoder``) encodes all of them with
-``encode_spans`` (one pass, pooled over the whole text, the user side and the answer).
+most). Every variant encodes all of them with ``encode_spans`` (one pass, pooled over the whole
+text, the user side and the answer). A variant is a tier of ``pipeline.embed.tiers.load_token_encoder``
+and, for the fp32 (torch) tier, a compute precision (:data:`VARIANTS`): ``fp32`` is the reference
+and pins ``precision="fp32"`` (the library default, ``auto``, picks bf16 on CPUs that have it);
+``bf16`` is the same weights under bf16 autocast.
 
 Each timed pass runs in a fresh process (``--worker``), so that peak RSS (``ru_maxrss``: exact,
-not sampled) is the tier's own: model load plus encoding, nothing left over from another tier.
-Passes alternate between tiers (fp32, int8, static, fp32, ...) so that noise from other work on
-the machine hits them alike; the report gives the median of ``--repeats`` passes. Derived tiers
+not sampled) is the variant's own: model load plus encoding, nothing left over from another one.
+Passes alternate between variants (fp32, bf16, int8, static, fp32, ...) so that noise from other
+work on the machine hits them alike; the report gives the median of ``--repeats`` passes. Derived tiers
 are built into the cache (``$THRESHER_CACHE``) before any timing, and the timed processes load
 them by the fp32 digest, as a Beam worker would, without loading the fp32 model.
 
-Reported per tier: texts/s, CPU-ms per text (user + system time of all threads), peak RSS,
+Reported per variant: texts/s, CPU-ms per text (user + system time of all threads), peak RSS,
 effective GFLOP/s and its share of this machine's fp32 GEMM rate (numpy, measured in the same run;
 MiniLM FLOPs per text from its real token count: 2 x non-embedding parameters x tokens, plus
 attention 4 x layers x tokens^2 x hidden), and agreement with fp32: mean and min cosine of the
-whole / user / answer vectors (same-space tiers only: the static tier is 256-d after PCA), kNN
-recall@10 of each pool against fp32's neighbours on the sample, and the Spearman correlation of
-pairwise similarities of the whole vectors.
+whole / user / answer vectors (same-space variants only: the static tier is 256-d after PCA), kNN
+recall@10 of each pool against fp32's neighbours on the sample, the Spearman correlation of
+pairwise similarities of the whole vectors, and (same space) how far pairwise cosines move: the
+largest |change| over all pairs and over pairs near the near-duplicate threshold (0.95 +- 0.05),
+and how many pairs change side of 0.95.
 
     python benchmarks/embed_text.py                      # 1,000 conversations, 3 repeats
-    python benchmarks/embed_text.py --n 300 --repeats 1 --json /tmp/embed_tiers.json
+    python benchmarks/embed_text.py --n 300 --repeats 1 --variants fp32,bf16 --json /tmp/embed_tiers.json
 
 OPENBLAS_CORETYPE (if set) is left as it is: it picks numpy's GEMM kernel, so it can move the
 measured matmul limit.
@@ -60,6 +65,9 @@ MIX = [
     ("sharegpt_dummy_conversations.json.gz", 0.1),
 ]
 POOLS = ("whole", "user", "answer")
+# name -> (tier, compute precision of the torch tier; the derived tiers have their own)
+VARIANTS = {"fp32": ("fp32", "fp32"), "bf16": ("fp32", "bf16"), "int8": ("int8", None), "static": ("static", None)}
+NEAR_DUP_THRESHOLD = 0.95  # the flow's default
 
 
 def load_conversations(n: int) -> list[dict]:
@@ -93,7 +101,7 @@ def load_conversations(n: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# Worker: one tier, one timed pass, in its own process
+# Worker: one variant, one timed pass, in its own process
 # --------------------------------------------------------------------------------------------
 
 
@@ -101,10 +109,11 @@ def worker(args: argparse.Namespace) -> None:
     from pipeline.embed.spans import SpanText, encode_spans
     from pipeline.embed.tiers import load_token_encoder
 
+    tier, precision = VARIANTS[args.worker]
     rows = json.loads(Path(args.texts).read_text())
     items = [SpanText(r["text"], {k: tuple(v) for k, v in r["spans"].items()}) for r in rows]
     t0 = time.perf_counter()
-    encoder = load_token_encoder(args.worker, threads=args.threads, fp32_digest=args.fp32_digest)
+    encoder = load_token_encoder(tier, threads=args.threads, fp32_digest=args.fp32_digest, precision=precision)
     load_s = time.perf_counter() - t0
     encode_spans(encoder, items[: args.batch_size], batch_size=args.batch_size)  # warm-up
     wall0, cpu0 = time.perf_counter(), os.times()
@@ -114,12 +123,13 @@ def worker(args: argparse.Namespace) -> None:
     if args.out:
         np.savez(args.out, **vectors)
     threads = getattr(encoder, "threads", None)
-    if threads is None and args.worker == "fp32":
+    if threads is None and tier == "fp32":
         import torch
 
         threads = torch.get_num_threads()
     print(json.dumps({
-        "tier": args.worker, "digest": encoder.digest, "dim": encoder.dim, "load_s": load_s, "wall_s": wall,
+        "variant": args.worker, "tier": tier, "precision": encoder.precision, "digest": encoder.digest,
+        "dim": encoder.dim, "load_s": load_s, "wall_s": wall,
         "cpu_s": cpu, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "threads": threads, "torch_loaded": "torch" in sys.modules,
     }))
@@ -215,12 +225,23 @@ def agreement(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], k: int = 1
         row["recall_at_10"] = float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ra, rb)]))
         if name == "whole":
             iu = np.triu_indices(int(ok.sum()), 1)
+            sa_all = (a[ok] @ a[ok].T)[iu]
+            sb_all = (b[ok] @ b[ok].T)[iu]
             step = max(1, len(iu[0]) // 200_000)
-            sa = (a[ok] @ a[ok].T)[iu][::step]
-            sb = (b[ok] @ b[ok].T)[iu][::step]
-            row["pairwise_spearman"] = float(spearmanr(sa, sb).statistic)
+            row["pairwise_spearman"] = float(spearmanr(sa_all[::step], sb_all[::step]).statistic)
+            if a.shape[1] == b.shape[1]:
+                row.update(pair_cos_moves(sa_all, sb_all))
         out[name] = row
     return out
+
+
+def pair_cos_moves(ref: np.ndarray, got: np.ndarray, threshold: float = NEAR_DUP_THRESHOLD) -> dict:
+    """How far pairwise cosines move (same vector space): what a near-duplicate cut at ``threshold`` sees."""
+    move = np.abs(got - ref)
+    near = np.abs(ref - threshold) <= 0.05
+    return {"pair_dcos_max": float(move.max()), "pairs_near_threshold": int(near.sum()),
+            "pair_dcos_max_near_threshold": float(move[near].max()) if near.any() else float("nan"),
+            "pairs_crossing_threshold": int(((ref >= threshold) != (got >= threshold)).sum())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,9 +252,10 @@ def agreement(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], k: int = 1
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1000, help="conversations in the mix")
-    ap.add_argument("--repeats", type=int, default=3, help="timed passes per tier (median reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per variant (median reported)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--tiers", default="fp32,int8,static", help="comma-separated, from pipeline.embed.tiers.TIERS")
+    ap.add_argument("--variants", default="fp32,bf16,int8,static",
+                    help=f"comma-separated, from {', '.join(VARIANTS)} (bf16: the fp32 tier computing in bf16)")
     ap.add_argument("--threads", type=int, default=None, help="int8 intra-op threads and torch threads (default: all cores)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -246,10 +268,14 @@ def main() -> None:
         return worker(args)
     if args.prepare:
         return prepare(args.prepare)
+    from pipeline.embed.sentence import native_bf16_cpu
 
-    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
-    if "fp32" not in tiers:
-        tiers.insert(0, "fp32")  # the reference for every ratio and agreement figure
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    if "fp32" not in variants:
+        variants.insert(0, "fp32")  # the reference for every ratio and agreement figure
     scratch = Path(tempfile.mkdtemp(prefix="thresher-bench-embed-tiers-"))
     rows = load_conversations(args.n)
     texts = [r["text"] for r in rows]
@@ -260,14 +286,15 @@ def main() -> None:
     limit = max(gemm.values())  # measured again after the passes; the higher figure is kept
     print(f"{n:,} conversations, mean {np.mean([len(t) for t in texts]):.0f} chars, "
           f"{shape['tokens_mean']:.0f} MiniLM tokens/text (max {shape['tokens_max']}, "
-          f"{shape['truncated_share']:.1%} at the 256 limit), batch {args.batch_size}, cpus {os.cpu_count()}")
+          f"{shape['truncated_share']:.1%} at the 256 limit), batch {args.batch_size}, cpus {os.cpu_count()}, "
+          f"native bf16 {'yes' if native_bf16_cpu() else 'no'}")
     print("fp32 GEMM (numpy): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gemm.items())
           + f"; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
     print(f"MiniLM cost: {flops / n / 1e9:.3f} GFLOP/text ({shape['params_non_embedding'] / 1e6:.1f} M "
           "non-embedding parameters)")
 
     fp32_digest = None
-    for tier in tiers:  # builds happen here, outside any timing
+    for tier in dict.fromkeys(VARIANTS[v][0] for v in variants):  # builds happen here, outside any timing
         t0 = time.perf_counter()
         info = run_child("--prepare", tier)
         fp32_digest = info["fp32_digest"]
@@ -276,13 +303,13 @@ def main() -> None:
     common = ["--texts", str(scratch / "texts.json"), "--batch-size", str(args.batch_size), "--fp32-digest", fp32_digest]
     if args.threads:
         common += ["--threads", str(args.threads)]
-    runs: dict[str, list[dict]] = {t: [] for t in tiers}
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     for rep in range(args.repeats):
-        for tier in tiers:
-            extra = ["--out", str(scratch / f"{tier}.npz")] if rep == 0 else []
-            res = run_child("--worker", tier, *common, *extra)
-            runs[tier].append(res)
-            print(f"  pass {rep + 1}: {tier:<6} {res['wall_s']:7.2f}s  {n / res['wall_s']:8.1f} texts/s  "
+        for variant in variants:
+            extra = ["--out", str(scratch / f"{variant}.npz")] if rep == 0 else []
+            res = run_child("--worker", variant, *common, *extra)
+            runs[variant].append(res)
+            print(f"  pass {rep + 1}: {variant:<6} {res['wall_s']:7.2f}s  {n / res['wall_s']:8.1f} texts/s  "
                   f"cpu {res['cpu_s']:7.2f}s  peak RSS {res['peak_rss'] / 2**20:6.0f} MiB  load {res['load_s']:.2f}s",
                   flush=True)
 
@@ -293,44 +320,56 @@ def main() -> None:
     ref = dict(np.load(scratch / "fp32.npz"))
     report: dict = {"n": n, "batch_size": args.batch_size, "repeats": args.repeats, "gemm_gflops": gemm,
                     "minilm": shape, "minilm_gflop_per_text": flops / n / 1e9, "cpus": os.cpu_count(),
-                    "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "tiers": {}}
-    for tier in tiers:
-        wall = statistics.median(r["wall_s"] for r in runs[tier])
-        cpu = statistics.median(r["cpu_s"] for r in runs[tier])
+                    "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+                    "native_bf16_cpu": native_bf16_cpu(), "variants": {}}
+    for variant in variants:
+        wall = statistics.median(r["wall_s"] for r in runs[variant])
+        cpu = statistics.median(r["cpu_s"] for r in runs[variant])
         entry = {
-            "texts_per_s": n / wall, "wall_s": [r["wall_s"] for r in runs[tier]], "cpu_ms_per_text": 1e3 * cpu / n,
-            "peak_rss_mib": max(r["peak_rss"] for r in runs[tier]) / 2**20, "load_s": statistics.median(r["load_s"] for r in runs[tier]),
-            "threads": runs[tier][0]["threads"], "dim": runs[tier][0]["dim"], "digest": runs[tier][0]["digest"],
-            "torch_loaded": runs[tier][0]["torch_loaded"],
+            "tier": runs[variant][0]["tier"], "precision": runs[variant][0]["precision"],
+            "texts_per_s": n / wall, "wall_s": [r["wall_s"] for r in runs[variant]], "cpu_ms_per_text": 1e3 * cpu / n,
+            "peak_rss_mib": max(r["peak_rss"] for r in runs[variant]) / 2**20,
+            "load_s": statistics.median(r["load_s"] for r in runs[variant]),
+            "threads": runs[variant][0]["threads"], "dim": runs[variant][0]["dim"], "digest": runs[variant][0]["digest"],
+            "torch_loaded": runs[variant][0]["torch_loaded"],
             # speed-up against the fp32 pass run just before it: pairs share the machine's load of the moment
-            "paired_speedup": statistics.median(f["wall_s"] / r["wall_s"] for f, r in zip(runs["fp32"], runs[tier])),
-            "paired_cpu_ratio": statistics.median(r["cpu_s"] / f["cpu_s"] for f, r in zip(runs["fp32"], runs[tier])),
+            "paired_speedup": statistics.median(f["wall_s"] / r["wall_s"] for f, r in zip(runs["fp32"], runs[variant])),
+            "paired_cpu_ratio": statistics.median(r["cpu_s"] / f["cpu_s"] for f, r in zip(runs["fp32"], runs[variant])),
         }
-        if tier != "static":
+        if variant != "static":
             entry["gflops"] = flops / wall / 1e9
             entry["pct_of_gemm"] = 100 * entry["gflops"] / limit
-        entry["agreement"] = agreement(ref, dict(np.load(scratch / f"{tier}.npz")))
-        report["tiers"][tier] = entry
+        entry["agreement"] = agreement(ref, dict(np.load(scratch / f"{variant}.npz")))
+        report["variants"][variant] = entry
 
     print(f"\nmedian of {args.repeats} passes, {n:,} conversations (this machine: {os.cpu_count()} cpus; "
           f"fp32 GEMM limit {limit:.1f} GFLOP/s)")
-    print(f"{'tier':<7}{'texts/s':>9}{'x fp32':>8}{'CPU ms/text':>13}{'x fp32':>8}{'peak RSS':>10}"
-          f"{'GFLOP/s':>9}{'% GEMM':>8}   {'whole cos mean/min':>19}{'user':>15}{'answer':>15}   R@10 whole/user/answer  rho")
-    for tier, e in report["tiers"].items():
+    print(f"{'variant':<8}{'texts/s':>9}{'x fp32':>8}{'CPU ms/text':>13}{'x fp32':>8}{'peak RSS':>10}"
+          f"{'GFLOP/s':>9}{'% GEMM':>8}   {'whole cos mean/min':>20}{'user':>16}{'answer':>16}   R@10 whole/user/answer   rho")
+    for variant, e in report["variants"].items():
         ag = e["agreement"]
-        cos = [f"{ag[p]['cos_mean']:.4f}/{ag[p]['cos_min']:.3f}" if "cos_mean" in ag[p] else "n/a*"
+        cos = [f"{ag[p]['cos_mean']:.5f}/{ag[p]['cos_min']:.4f}" if "cos_mean" in ag[p] else "n/a*"
                for p in POOLS]
         gf = f"{e['gflops']:9.1f}{e['pct_of_gemm']:7.0f}%" if "gflops" in e else f"{'-':>9}{'-':>8}"
-        print(f"{tier:<7}{e['texts_per_s']:9.1f}{e['paired_speedup']:7.2f}x"
+        print(f"{variant:<8}{e['texts_per_s']:9.1f}{e['paired_speedup']:7.2f}x"
               f"{e['cpu_ms_per_text']:13.2f}{e['paired_cpu_ratio']:7.3f}x"
-              f"{e['peak_rss_mib']:7.0f} MiB{gf}   {cos[0]:>19}{cos[1]:>15}{cos[2]:>15}   "
+              f"{e['peak_rss_mib']:7.0f} MiB{gf}   {cos[0]:>20}{cos[1]:>16}{cos[2]:>16}   "
               f"{ag['whole']['recall_at_10']:.3f}/{ag['user']['recall_at_10']:.3f}/{ag['answer']['recall_at_10']:.3f}"
-              f"      {ag['whole']['pairwise_spearman']:.3f}")
+              f"     {ag['whole']['pairwise_spearman']:.4f}")
     print("(x fp32: median over passes of the ratio to the fp32 pass of the same round (texts/s: higher is "
           "faster; CPU: lower is cheaper). % GEMM: MiniLM FLOPs "
-          "per second over numpy's fp32 GEMM rate; int8 kernels are not bound by it. n/a*: a different vector "
+          "per second over numpy's fp32 GEMM rate; bf16 and int8 kernels are not bound by it. n/a*: a different vector "
           "space (static: 256-d after PCA), compared by neighbours (R@10) and pairwise-similarity rank "
           "correlation (rho) only.)")
+    print(f"\npairwise cosines of the whole vectors against fp32's ({n * (n - 1) // 2:,} pairs; near: fp32 cosine "
+          f"within {NEAR_DUP_THRESHOLD} +- 0.05)")
+    print(f"{'variant':<8}{'precision':>10}{'max |dcos|':>12}{'pairs near':>12}{'max |dcos| near':>17}"
+          f"{'pairs crossing ' + str(NEAR_DUP_THRESHOLD):>21}")
+    for variant, e in report["variants"].items():
+        w = e["agreement"]["whole"]
+        if "pair_dcos_max" in w:
+            print(f"{variant:<8}{e['precision']:>10}{w['pair_dcos_max']:12.2e}{w['pairs_near_threshold']:12,}"
+                  f"{w['pair_dcos_max_near_threshold']:17.2e}{w['pairs_crossing_threshold']:21,}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     import shutil

@@ -11,9 +11,11 @@ code, role-play, tool use, T0 NLP tasks and chats). ``--rows N`` takes the first
 deterministic shuffle (``--seed``) of all files' rows and writes them, as they are, to a temporary
 JSONL.gz that ingest reads (layouts detected per record); ``--rows 0`` takes the whole pool.
 
-Each tier (``--tier`` / ``--tiers fp32,int8,static``) runs the whole chain into its own fresh
-catalog, in its own fresh process (so that no tier inherits another's loaded models, caches or
-peak memory), with ``--workers`` Beam workers (default 1: in-process). For each stage: wall s,
+Each variant (``--tier`` / ``--tiers fp32,bf16,int8,static``: a tier of
+``pipeline.embed.tiers``, and for the torch tier a compute precision, :data:`VARIANTS`; ``fp32``
+pins ``precision="fp32"``, ``bf16`` is the same weights under bf16 autocast) runs the whole chain
+into its own fresh catalog, in its own fresh process (so that no variant inherits another's
+loaded models, caches or peak memory), with ``--workers`` Beam workers (default 1: in-process). For each stage: wall s,
 CPU s (user + system of the process and its children: getrusage(RUSAGE_SELF) + RUSAGE_CHILDREN
 deltas), CPU ms per sample, and peak RSS during the stage (VmHWM, reset before the stage through
 /proc/self/clear_refs; falls back to the process peak so far where that is not allowed).
@@ -26,11 +28,13 @@ chain <= 1.25 x one plain pass; the ratio is also given against the plain pass w
 and model load. The faster tiers are projected to the whole pool by rows/s, linearly (fixed costs
 are spread, super-linear stages are not modelled), against the target of <= 10 min here.
 
-Agreement of each other tier with fp32 (when fp32 ran): share of MIG picks in common, Jaccard of
-the sets of sample ids removed as near-duplicates, mean per-sample Jaccard of the tag sets, and
-the Spearman correlation of the quality scores.
+Agreement of each other variant with fp32 (when fp32 ran): share of MIG picks in common, MIG's
+E(D) of each selection, Jaccard of the sets of sample ids removed as near-duplicates, mean
+per-sample Jaccard of the tag sets, the Spearman correlation of the quality scores, and, from the
+stored whole-text vectors, kNN recall@10 against fp32's neighbours and (same vector space) the
+largest move of a pairwise cosine near the near-duplicate threshold and the pairs that change side.
 
-    python benchmarks/end_to_end.py --rows 3000 --tiers fp32,static,int8 --json /tmp/e2e.json
+    python benchmarks/end_to_end.py --rows 3000 --tiers fp32,bf16,int8,static --json /tmp/e2e.json
     python benchmarks/end_to_end.py --rows 0 --tier static --no-plain          # the whole pool
 
 Derived tiers are built into $THRESHER_CACHE before any timing (as benchmarks/embed_text.py does).
@@ -66,6 +70,8 @@ DATASET = "pool"
 STAGES = ("imports", "ingest", "embed", "tags", "quality", "index", "near_dups", "mig", "curate_export")
 EXPORT_FORMATS = ("sharegpt", "alpaca", "openai", "parquet")
 NEAR_DUP_THRESHOLD = 0.95  # the flow's default
+# name -> (tier, compute precision of the torch tier; the derived tiers ignore it)
+VARIANTS = {"fp32": ("fp32", "fp32"), "bf16": ("fp32", "bf16"), "int8": ("int8", "auto"), "static": ("static", "auto")}
 TARGET_RATIO = 1.25  # fp32 chain / one plain pass
 TARGET_POOL_S = 600.0  # the whole pool, faster tiers, on this machine
 
@@ -160,17 +166,19 @@ class Meter:
 
 
 def chain_worker(args: argparse.Namespace) -> None:
-    """The whole chain for one tier into a fresh catalog; figures to ``--out``."""
+    """The whole chain for one variant into a fresh catalog; figures to ``--out``."""
+    import functools
     import logging
 
     logging.getLogger().setLevel(logging.WARNING)
-    tier, workers, catalog = args.tier, args.workers, args.catalog
+    variant, workers, catalog = args.tier, args.workers, args.catalog
+    tier, precision = VARIANTS[variant]
     meter = Meter()
-    info: dict[str, Any] = {"tier": tier, "workers": workers, "catalog": catalog}
+    info: dict[str, Any] = {"variant": variant, "tier": tier, "workers": workers, "catalog": catalog}
 
     def line(name: str) -> None:
         s = meter.stages[name]
-        print(f"    [{tier}] {name:<14}{s['wall_s']:8.1f} s wall {s['cpu_s']:8.1f} s CPU "
+        print(f"    [{variant}] {name:<14}{s['wall_s']:8.1f} s wall {s['cpu_s']:8.1f} s CPU "
               f"{s['peak_rss_mib']:7.0f} MiB", flush=True)
 
     with meter("imports"):  # what the flow's tasks import (torch comes later, with the fp32 model)
@@ -192,10 +200,19 @@ def chain_worker(args: argparse.Namespace) -> None:
     line("ingest")
 
     with meter("embed"):
-        emb = run_text_embedding(catalog, DATASET, workers=workers, tier=tier)
+        emb = run_text_embedding(catalog, DATASET, workers=workers, tier=tier, precision=precision)
     model = emb.model
-    info["embed"] = {"model": model, "rows": emb.rows, "dim": emb.dim, "seconds": emb.seconds}
+    info["embed"] = {"model": model, "rows": emb.rows, "dim": emb.dim, "seconds": emb.seconds,
+                     "precision": emb.extra["precision"], "output": emb.output}
     line("embed")
+
+    # The tag and quality stages fetch the stored vectors through run_text_embedding without a
+    # precision (= "auto"): after an embed stage run at another precision, its parameters differ,
+    # so the tags stage would embed again at auto's precision and overwrite the table. Pinned here
+    # to the chain's precision until those stages take one.
+    from pipeline.stages import embeddings as embeddings_module
+
+    embeddings_module.run_text_embedding = functools.partial(run_text_embedding, precision=precision)
 
     with meter("tags"):
         tags = run_tag_annotation(catalog, DATASET, workers=workers, tier=tier)
@@ -283,7 +300,7 @@ def prepare_worker(args: argparse.Namespace) -> None:
     """Build (or find) a derived tier in the cache, outside any timing."""
     from pipeline.embed.tiers import load_token_encoder
 
-    load_token_encoder(args.tier)
+    load_token_encoder(VARIANTS[args.tier][0])
 
 
 def git_head() -> str | None:
@@ -306,7 +323,7 @@ def run_child(argv: list[str], log: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Agreement between tiers
+# Agreement between variants
 # --------------------------------------------------------------------------------------------
 
 
@@ -350,6 +367,33 @@ def agreement(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def vector_agreement(ref: dict[str, Any], got: dict[str, Any], k: int = 10) -> dict[str, Any]:
+    """kNN recall@``k`` of the stored whole-text vectors against fp32's, on the samples both hold,
+    and (same vector space only) how far pairwise cosines move around the near-duplicate threshold."""
+    import numpy as np
+
+    from pipeline.stages.embeddings import read_embeddings
+
+    ids_a, va = read_embeddings(Path(ref["embed"]["output"]))
+    ids_b, vb = read_embeddings(Path(got["embed"]["output"]))
+    where_b = {s: i for i, s in enumerate(ids_b)}
+    both = [(i, where_b[s]) for i, s in enumerate(ids_a) if s in where_b]
+    va, vb = va[[i for i, _ in both]], vb[[j for _, j in both]]
+    sa, sb = va @ va.T, vb @ vb.T
+    np.fill_diagonal(sa, -np.inf)
+    np.fill_diagonal(sb, -np.inf)
+    na, nb = np.argsort(-sa, axis=1)[:, :k], np.argsort(-sb, axis=1)[:, :k]
+    out: dict[str, Any] = {"knn_recall_at_10": float(np.mean([len(set(x) & set(y)) / k for x, y in zip(na, nb)]))}
+    if va.shape[1] == vb.shape[1]:
+        iu = np.triu_indices(len(both), 1)
+        pa, pb = sa[iu], sb[iu]
+        move, near = np.abs(pb - pa), np.abs(pa - NEAR_DUP_THRESHOLD) <= 0.05
+        out.update(pair_dcos_max=float(move.max()), pairs_near_threshold=int(near.sum()),
+                   pair_dcos_max_near_threshold=float(move[near].max()) if near.any() else float("nan"),
+                   pairs_crossing_threshold=int(((pa >= NEAR_DUP_THRESHOLD) != (pb >= NEAR_DUP_THRESHOLD)).sum()))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -363,8 +407,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=3000, help="rows of the shuffled pool (0: the whole pool)")
     ap.add_argument("--seed", type=int, default=0, help="shuffle seed")
-    ap.add_argument("--tier", default=None, help="one tier: fp32 | int8 | static (default fp32)")
-    ap.add_argument("--tiers", default=None, help="several, comma-separated, each into its own catalog")
+    ap.add_argument("--tier", default=None, help=f"one variant: {' | '.join(VARIANTS)} (default fp32)")
+    ap.add_argument("--tiers", default=None, help="several variants, comma-separated, each into its own catalog")
     ap.add_argument("--workers", type=int, default=1, help="Beam workers per stage (1: in-process)")
     ap.add_argument("--budget", type=int, default=0, help="MIG budget (default: 10%% of the samples)")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain sentence-transformers pass")
@@ -382,12 +426,10 @@ def main() -> None:
     if args.worker == "prepare":
         return prepare_worker(args)
 
-    from pipeline.embed.tiers import TIERS
-
     tiers = [t.strip() for t in (args.tiers or args.tier or "fp32").split(",") if t.strip()]
-    bad = [t for t in tiers if t not in TIERS]
+    bad = [t for t in tiers if t not in VARIANTS]
     if bad:
-        raise SystemExit(f"unknown tier(s) {', '.join(bad)}; choose from {', '.join(TIERS)}")
+        raise SystemExit(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="thresher-bench-e2e-"))
     if args.keep and scratch.exists():
         shutil.rmtree(scratch)
@@ -402,7 +444,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cpus, load average {load0[0]:.1f} at start; Beam workers {args.workers}; "
           f"tiers {', '.join(tiers)}; code {head}", flush=True)
     for tier in tiers:
-        if tier != "fp32":
+        if VARIANTS[tier][0] != "fp32":
             t0 = time.perf_counter()
             run_child(["--worker", "prepare", "--tier", tier], scratch / f"prepare-{tier}.log")
             print(f"  {tier} tier ready in the cache ({time.perf_counter() - t0:.1f} s, not timed)", flush=True)
@@ -431,7 +473,8 @@ def main() -> None:
     for tier, info in chains.items():
         n = info["samples"]
         c = info["ingest"]["counts"]
-        print(f"\nchain {tier}: {n:,} samples ({c['rows_in']:,} rows in, {c['duplicates']:,} exact duplicates, "
+        print(f"\nchain {tier} ({info['embed']['precision']} compute): {n:,} samples ({c['rows_in']:,} rows in, "
+              f"{c['duplicates']:,} exact duplicates, "
               f"{c['rejects']:,} rejects); embeddings {info['embed']['model']} ({info['embed']['dim']}-d); "
               f"near-dups removed {info['near_dups']['removed']:,}; MIG {info['mig']['picked']:,} of "
               f"{info['mig']['pool']:,} ({info['mig']['labels']:,} labels); build {info.get('tier_build')}")
@@ -493,16 +536,29 @@ def main() -> None:
     # ---------------------------------------------------------------- agreement
     if "fp32" in chains and len(chains) > 1:
         ref = chain_outputs(chains["fp32"])
-        print(f"\nagreement with fp32   {'MIG picks common':>17}{'near-dup removed J':>20}"
-              f"{'tags mean J':>13}{'tags same':>11}{'quality rho':>13}")
+        print(f"\nagreement with fp32   {'MIG picks common':>17}{'E(D) fp32 / this':>22}{'near-dup removed J':>20}"
+              f"{'tags mean J':>13}{'tags same':>11}{'quality rho':>13}{'kNN R@10':>10}")
         for tier, info in chains.items():
             if tier == "fp32":
                 continue
             ag = agreement(ref, chain_outputs(info))
+            ag.update(mig_information=[chains["fp32"]["mig"]["information"], info["mig"]["information"]],
+                      **vector_agreement(chains["fp32"], info))
             report["agreement"][tier] = ag
-            print(f"{tier:<21}{ag['mig_picks_common_share']:17.3f}{ag['near_dup_removed_jaccard']:20.3f}"
+            ed = f"{ag['mig_information'][0]:,.1f} / {ag['mig_information'][1]:,.1f}"
+            print(f"{tier:<21}{ag['mig_picks_common_share']:17.3f}{ed:>22}{ag['near_dup_removed_jaccard']:20.3f}"
                   f"{ag['tags_mean_jaccard']:13.3f}{ag['tags_identical_share']:11.3f}{ag['quality_spearman']:13.3f}"
+                  f"{ag['knn_recall_at_10']:10.3f}"
                   f"   (removed fp32 {ag['near_dup_removed'][0]:,} / {tier} {ag['near_dup_removed'][1]:,})")
+        moved = {t: a for t, a in report["agreement"].items() if "pair_dcos_max" in a}
+        if moved:
+            print(f"\npairwise cosines of the stored whole vectors against fp32's (near: fp32 cosine within "
+                  f"{NEAR_DUP_THRESHOLD} +- 0.05)")
+            print(f"{'variant':<8}{'max |dcos|':>12}{'pairs near':>12}{'max |dcos| near':>17}"
+                  f"{'pairs crossing ' + str(NEAR_DUP_THRESHOLD):>21}")
+            for tier, a in moved.items():
+                print(f"{tier:<8}{a['pair_dcos_max']:12.2e}{a['pairs_near_threshold']:12,}"
+                      f"{a['pair_dcos_max_near_threshold']:17.2e}{a['pairs_crossing_threshold']:21,}")
 
     report["load_average_end"] = os.getloadavg()
     if report["git_head_end"] != head:

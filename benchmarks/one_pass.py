@@ -85,7 +85,8 @@ def main() -> None:
 
     convs = load(args.n, args.seed)
     model = shared_sentence_model(None, "cpu")
-    encoder = load_token_encoder("fp32", None, "cpu")
+    # fp32 compute, as the separate passes (embed_texts) use: the comparison is one pass vs several, not precision
+    encoder = load_token_encoder("fp32", None, "cpu", precision="fp32")
     embed = lambda texts: embed_texts(model, texts)  # noqa: E731
     tok = model.tokenizer
 
