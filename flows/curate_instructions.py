@@ -105,7 +105,7 @@ def curate_instructions(spec: IngestSpec, catalog: str, budget: int, name: str |
     near-duplicates all read that pass. ``static`` is refused: its neighbours and tags agree too
     little with fp32 (recall@10 0.55, tag Jaccard 0.35) for the thresholds this flow uses.
     ``precision``: the fp32 tier's compute precision (``auto``: bf16 on CPUs with native bf16,
-    cosine >= 0.9999 to fp32 at ~2x the speed; fp16 on a GPU; else fp32).
+    cosine >= 0.9999 to fp32 at ~1.5x the speed; fp16 on a GPU; else fp32).
     """
     if tier not in CHAIN_TIERS:
         raise ValueError(f"tier {tier!r} is not one curate_instructions runs on; choose one of {CHAIN_TIERS}")

@@ -108,3 +108,26 @@ def test_annotate_command_runs_the_quality_stage_and_the_views_see_it(catalog, c
     counts = dict(zip(table["annotator"].to_pylist(), table["n"].to_pylist()))
     assert counts["heuristic_quality"] == 6 and counts["input"] == 1
     assert main(["annotate", "quality", "--catalog", str(catalog.root), "--dataset", "mix", "--annotator", "llm"]) == 2
+
+
+def test_annotators_reuse_stored_vectors_at_the_precision_the_embed_step_chose(tmp_path):
+    """Tags and quality read the embed step's vectors as they are: an fp32 table (asked for
+    explicitly) is not redone at ``auto``'s precision, and a later embed at ``auto`` still redoes it."""
+    from pipeline.io.runs import stored_parameters
+    from pipeline.stages.embeddings import read_embedding_metadata, run_text_embedding
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:3]), encoding="utf-8")
+    run_ingest([str(src)], tmp_path / "cat", "few", num_shards=1)
+    cat = Catalog.at(tmp_path / "cat")
+    made = run_text_embedding(cat.root, "few", precision="fp32")
+    part = cat.embedding_partition("all-MiniLM-L6-v2", "few")
+    assert stored_parameters(cat, "embed_text", "few", part)["precision"] == "fp32"
+
+    run_tag_annotation(cat.root, "few")
+    run_quality_annotation(cat.root, "few")
+    assert read_embedding_metadata(part)["precision"] == "fp32"
+    assert stored_parameters(cat, "embed_text", "few", part)["precision"] == "fp32"
+    assert run_text_embedding(cat.root, "few", precision=None).run_id == made.run_id  # reused, not redone
+    assert not run_text_embedding(cat.root, "few", precision="auto").skipped

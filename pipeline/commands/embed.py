@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(distilled static embeddings); see docs/embedding_tiers.md")
     p.add_argument("--precision", choices=EMBEDDERS["text"].param("precision").choice_values(), default="auto",
                    help="instruction, fp32 tier: compute precision (auto: fp16 on a GPU, bf16 on a CPU with "
-                        "native bf16 (AVX512-BF16/AMX; ~2x, cosine >= 0.9999 to fp32), else fp32)")
+                        "native bf16 (AVX512-BF16/AMX; ~1.5x, cosine >= 0.9999 to fp32), else fp32)")
     p.add_argument("--seed", type=int, default=0, help="image_text with random weights: init seed")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--workers", type=int, default=1, help="in-process Beam workers (processes)")

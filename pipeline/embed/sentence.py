@@ -105,8 +105,8 @@ def pick_device(device: str | None = None) -> str:
 
 
 # Compute precision of the torch (fp32-weights) text encoder. ``auto``: fp16 on a GPU; bf16 on a
-# CPU that multiplies bf16 natively (AVX512-BF16 / AMX), where it runs ~2x fp32 at cosine >= 0.9999
-# to fp32 on real conversations (docs/embedding_tiers.md); fp32 anywhere else.
+# CPU that multiplies bf16 natively (AVX512-BF16 / AMX), where it runs ~1.5x fp32 (0.6x the CPU)
+# at cosine >= 0.9999 to fp32 on real conversations (docs/embedding_tiers.md); fp32 elsewhere.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 

@@ -273,6 +273,16 @@ def check_remote_stage(catalog: Any, stage: str) -> None:
         catalog.require_local(f"stage {stage}")
 
 
+def stored_parameters(catalog: Any, stage: str, dataset: str, output: Path) -> dict[str, Any] | None:
+    """The parameters of the last completed run of ``stage`` that wrote ``output`` (None: none)."""
+    state = catalog.read_state(stage, _state_key(dataset, output.relative_to(catalog.root).as_posix()))
+    return None if state is None else state.get("parameters")
+
+
+def _state_key(dataset: str, key: str) -> str:
+    return f"{dataset}@{key.replace('/', '~')}"
+
+
 class StageRun:
     """One run of one stage over one output set: see the module docstring."""
 
@@ -289,7 +299,7 @@ class StageRun:
         self.ledger_parameters = ledger_parameters or {}
         first = next(iter(outputs.values()))
         self.key = key or first.relative_to(self.root).as_posix()
-        self.state_key = f"{dataset}@{self.key.replace('/', '~')}"
+        self.state_key = _state_key(dataset, self.key)
         self.run_id = new_run_id(stage)
         self.area = self.root / STAGING / self.run_id
         self.staging = {name: self.area / "out" / name for name in outputs}

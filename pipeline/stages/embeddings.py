@@ -44,6 +44,7 @@ import schemas
 from pipeline.embed.sentence import text_model_key
 from pipeline.embed.spans import conversation_spans
 from pipeline.io.catalog import Catalog, write_parquet_atomic
+from pipeline.io.runs import stored_parameters
 from pipeline.stages import progress
 from pipeline.stages.shards import StageResult, input_shards, run_stage
 
@@ -322,7 +323,7 @@ def run_text_embedding(
     device: str | None = None,
     beam_args: list[str] | None = None,
     tier: str = "fp32",
-    precision: str = "auto",
+    precision: str | None = "auto",
 ) -> EmbeddingResult:
     """Embed every instruction sample of ``dataset`` with a sentence-transformers model.
 
@@ -333,8 +334,10 @@ def run_text_embedding(
     ``max_chars`` caps the text per conversation (default: 4 characters per model token, e.g.
     1024 for MiniLM's 256 tokens; see :func:`conversation_text`). ``tier``: ``fp32`` (the model
     as it is), or a cheaper tier of it (:mod:`pipeline.embed.tiers`). ``precision``: the fp32
-    tier's compute precision (``auto``: fp16 on a GPU, bf16 on a CPU with native bf16 (~2x, cosine
-    >= 0.9999 to fp32), else fp32; the resolved one is recorded in the table). One encoder pass per
+    tier's compute precision (``auto``: fp16 on a GPU, bf16 on a CPU with native bf16 (~1.5x, cosine
+    >= 0.9999 to fp32), else fp32; the resolved one is recorded in the table; None: the one the
+    stored table was asked for, so that a stage reading the vectors never redoes them at another
+    precision, and ``auto`` when there is none). One encoder pass per
     conversation writes three L2-normalised vectors: ``embedding`` (the whole text),
     ``user_embedding`` and ``answer_embedding`` (pooled over each side's tokens;
     :mod:`pipeline.embed.spans`). Skips, without loading the model, when the samples, the model
@@ -348,7 +351,7 @@ def run_text_embedding(
         resolve_model_path,
     )
 
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     cat = Catalog.at(catalog)
     source = cat.samples_partition("instruction", dataset)
@@ -356,6 +359,8 @@ def run_text_embedding(
     model_ref = None if model is None else os.fspath(model)
     model_key = name or text_model_key(model, tier)
     output = cat.embedding_partition(model_key, dataset)
+    if precision is None:
+        precision = (stored_parameters(cat, "embed_text", dataset, output) or {}).get("precision") or "auto"
     # Decided from the model's files, not its loaded weights: an unchanged stage skips without
     # loading anything. The weights digest is recorded in the table when the stage runs.
     parameters = {"model": model_key, "tier": tier, "precision": precision if tier == "fp32" else None,

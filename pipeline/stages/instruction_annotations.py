@@ -193,7 +193,9 @@ def _stored_embeddings(cat: Catalog, dataset: str, embed_model: str | None, tier
     from pipeline.stages.embeddings import run_text_embedding
     from pipeline.stages.shards import input_shards, shard_fingerprint
 
-    result = run_text_embedding(cat.root, dataset, embed_model, workers=workers, beam_args=beam_args, tier=tier)
+    # precision=None: vectors stored at any precision are reused as they are (the embed step chose it)
+    result = run_text_embedding(cat.root, dataset, embed_model, workers=workers, beam_args=beam_args, tier=tier,
+                                precision=None)
     partition = Path(result.output)
     return partition, shard_fingerprint(input_shards(partition))
 
