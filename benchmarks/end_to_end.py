@@ -167,7 +167,6 @@ class Meter:
 
 def chain_worker(args: argparse.Namespace) -> None:
     """The whole chain for one variant into a fresh catalog; figures to ``--out``."""
-    import functools
     import logging
 
     logging.getLogger().setLevel(logging.WARNING)
@@ -205,14 +204,6 @@ def chain_worker(args: argparse.Namespace) -> None:
     info["embed"] = {"model": model, "rows": emb.rows, "dim": emb.dim, "seconds": emb.seconds,
                      "precision": emb.extra["precision"], "output": emb.output}
     line("embed")
-
-    # The tag and quality stages fetch the stored vectors through run_text_embedding without a
-    # precision (= "auto"): after an embed stage run at another precision, its parameters differ,
-    # so the tags stage would embed again at auto's precision and overwrite the table. Pinned here
-    # to the chain's precision until those stages take one.
-    from pipeline.stages import embeddings as embeddings_module
-
-    embeddings_module.run_text_embedding = functools.partial(run_text_embedding, precision=precision)
 
     with meter("tags"):
         tags = run_tag_annotation(catalog, DATASET, workers=workers, tier=tier)
