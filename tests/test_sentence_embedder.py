@@ -99,3 +99,36 @@ def test_precision_auto_follows_the_cpu_flags_and_device(tmp_path, monkeypatch) 
         sentence.pick_precision("fp16", "cpu")
     with pytest.raises(ValueError, match="choose one of"):
         sentence.pick_precision("int4", "cpu")
+
+
+def test_span_model_loads_without_sentence_transformers_and_matches_it(model, tmp_path) -> None:
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.embed.sentence import load_span_model, sentence_weights_digest
+    from pipeline.embed.spans import TorchTokenEncoder, encode_texts
+
+    lean = load_span_model(None, "cpu")
+    assert lean is not None and lean.max_seq_length == model.max_seq_length == 256 and lean.dim == 384
+    # the same digest as the sentence-transformers model (tables and tier caches record it)
+    assert sentence_weights_digest(lean) == sentence_weights_digest(model)
+    texts = ["Write a Python function that reverses a list.", "What is the capital of France?", "word " * 400]
+    np.testing.assert_allclose(encode_texts(TorchTokenEncoder(lean), texts),
+                               encode_texts(TorchTokenEncoder(model), texts), atol=1e-6)
+
+    # the point of it: an fp32 encoder loads without importing sentence-transformers
+    code = ("import sys; from pipeline.embed.tiers import load_token_encoder; "
+            "load_token_encoder('fp32', precision='fp32'); print('sentence_transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
+
+    # a folder that is not a plain mean-pooling model is left to sentence-transformers
+    other = tmp_path / "cls_pooled"
+    shutil.copytree(default_model_path(), other)
+    config = other / "1_Pooling" / "config.json"
+    pooling = json.loads(config.read_text())
+    config.write_text(json.dumps({**pooling, "pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True}))
+    assert load_span_model(other, "cpu") is None

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -278,6 +279,87 @@ def shared_sentence_model(name_or_path: str | None = None, device: str | None = 
         while len(_SENTENCE_CACHE) > 2:
             _SENTENCE_CACHE.popitem(last=False)
         return model
+
+
+@dataclass
+class SpanModel:
+    """What span pooling runs of a mean-pooling sentence-transformers folder (Transformer, Pooling,
+    optionally Normalize), loaded with transformers alone.
+
+    Importing sentence-transformers costs ~5.5 s here (it imports sklearn, scipy.stats, pandas
+    and timm), several times the model load, in every process that embeds. ``state_dict`` names
+    the tensors as sentence-transformers does, so :func:`sentence_weights_digest` is the same
+    for both loaders (tests/test_sentence_embedder.py holds them equal).
+    """
+
+    transformer: Any
+    tokenizer: Any
+    max_seq_length: int
+    dim: int
+    prefix: str
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.prefix + name: t for name, t in self.transformer.state_dict().items()}
+
+
+def _st_prefix() -> str:
+    """The first module's state-dict prefix in the installed sentence-transformers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major = int(version("sentence-transformers").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        major = 5
+    return "0.model." if major >= 5 else "0.auto_model."
+
+
+def load_span_model(name_or_path: str | os.PathLike[str] | None = None, device: str | None = None) -> SpanModel | None:
+    """:class:`SpanModel` of a local sentence-transformers folder; None when the folder is not a
+    plain mean-pooling model (the caller then loads it with sentence-transformers)."""
+    import json
+
+    folder = Path(resolve_model_path(name_or_path))
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+        if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+            return None
+        pooling = json.loads((folder / modules[1]["path"] / "config.json").read_text(encoding="utf-8"))
+        body = folder / modules[0]["path"]
+        st_config = body / "sentence_bert_config.json"
+        config = json.loads(st_config.read_text(encoding="utf-8")) if st_config.is_file() else {}
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    modes = {k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True}
+    if modes != {"pooling_mode_mean_tokens"} or config.get("do_lower_case"):
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a sub-second "Loading weights" bar amid the stage's own
+    try:
+        transformer = AutoModel.from_pretrained(str(body)).to(pick_device(device)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(body))
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return SpanModel(transformer, tokenizer, int(config.get("max_seq_length") or tokenizer.model_max_length),
+                     int(pooling.get("word_embedding_dimension") or transformer.config.hidden_size), _st_prefix())
+
+
+_SPAN_CACHE: dict[tuple[str, str], SpanModel | None] = {}
+
+
+def shared_span_model(name_or_path: str | None = None, device: str | None = None) -> SpanModel | None:
+    """:func:`load_span_model`, once per process and device."""
+    key = (resolve_model_path(name_or_path), pick_device(device))
+    with _sentence_lock:
+        if key not in _SPAN_CACHE:
+            _SPAN_CACHE[key] = load_span_model(key[0], key[1])
+        return _SPAN_CACHE[key]
 
 
 def default_text_embedder(batch_size: int = 64, device: str | None = None) -> Callable[[Sequence[str]], np.ndarray]:

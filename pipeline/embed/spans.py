@@ -137,23 +137,28 @@ class TorchTokenEncoder:
     """
 
     def __init__(self, st_model: Any, precision: str | None = "fp32"):
+        """``st_model``: a sentence-transformers model, or a :class:`pipeline.embed.sentence.SpanModel`
+        (the same parts loaded without sentence-transformers)."""
         import torch
 
-        from pipeline.embed.sentence import pick_precision
+        from pipeline.embed.sentence import SpanModel, pick_precision
 
-        modules = list(st_model)
-        pooling = next((m for m in modules if type(m).__name__ == "Pooling"), None)
-        mode = getattr(pooling, "pooling_mode", None)  # sentence-transformers >= 5; older: a method
-        if mode is None and pooling is not None and hasattr(pooling, "get_pooling_mode_str"):
-            mode = pooling.get_pooling_mode_str()
-        if mode != "mean":
-            raise ValueError(f"span pooling needs a mean-pooling sentence model; this one pools by {mode!r}")
-        self.st_model = st_model
-        self.transformer = modules[0].auto_model
-        self.tokenizer = st_model.tokenizer
-        self.max_tokens = int(st_model.max_seq_length or 256)
-        get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
-        self.dim = int(get_dim())
+        if isinstance(st_model, SpanModel):
+            self.transformer, self.tokenizer = st_model.transformer, st_model.tokenizer
+            self.max_tokens, self.dim = st_model.max_seq_length, st_model.dim
+        else:
+            modules = list(st_model)
+            pooling = next((m for m in modules if type(m).__name__ == "Pooling"), None)
+            mode = getattr(pooling, "pooling_mode", None)  # sentence-transformers >= 5; older: a method
+            if mode is None and pooling is not None and hasattr(pooling, "get_pooling_mode_str"):
+                mode = pooling.get_pooling_mode_str()
+            if mode != "mean":
+                raise ValueError(f"span pooling needs a mean-pooling sentence model; this one pools by {mode!r}")
+            self.transformer = modules[0].auto_model
+            self.tokenizer = st_model.tokenizer
+            self.max_tokens = int(st_model.max_seq_length or 256)
+            get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+            self.dim = int(get_dim())
         self.device = next(self.transformer.parameters()).device
         # Weights stay fp32; matrix products run under autocast at ``precision`` (layer norms and
         # softmax stay fp32): fp16 on a GPU, bf16 on CPUs with native bf16 (see pick_precision).

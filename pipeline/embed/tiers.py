@@ -537,6 +537,7 @@ def _load(tier: str, path: str, device: str | None, threads: int | None, known_d
         WeightsMismatch,
         sentence_weights_digest,
         shared_sentence_model,
+        shared_span_model,
     )
 
     if tier == "fp32":
@@ -544,7 +545,8 @@ def _load(tier: str, path: str, device: str | None, threads: int | None, known_d
             import torch
 
             torch.set_num_threads(int(threads))
-        encoder = Fp32TokenEncoder(shared_sentence_model(path, device), precision)
+        # without importing sentence-transformers when the folder allows (see SpanModel)
+        encoder = Fp32TokenEncoder(shared_span_model(path, device) or shared_sentence_model(path, device), precision)
         if known_digest is not None and encoder.digest != known_digest:
             raise WeightsMismatch(f"fp32 text model {path}: weights digest {encoder.digest[:16]}... "
                                   f"differs from the expected {known_digest[:16]}...")
