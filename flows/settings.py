@@ -48,10 +48,11 @@ class LocalPrefectServer:
     while the parent imports Beam, the flows and ``preload`` (the modules their tasks import),
     which takes most of Prefect's ~6.5 s start off an all-unchanged run. It is the same server
     Prefect would start (uvicorn on 127.0.0.1, same SQLite database, UI off). Use it as a context
-    manager around the flow calls: entering imports ``preload`` and waits for the server; inside, flow-run heartbeats are off (they let a long-lived server notice crashed
-    runs; this server dies with the process, and each flow's exit waited up to 1 s for the
-    heartbeat thread); leaving stops it. With ``PREFECT_API_URL`` already set (a real server) or
-    ephemeral mode disabled it does nothing.
+    manager around the flow calls: entering imports ``preload`` and waits for the server; inside,
+    flow-run heartbeats are off (they let a long-lived server notice crashed runs; this server dies
+    with the process, and each flow's exit waited up to 1 s for the heartbeat thread); leaving
+    waits until the server has recorded every task run, then stops it. With ``PREFECT_API_URL``
+    already set (a real server) or ephemeral mode disabled it does nothing.
     """
 
     def __init__(self, preload: tuple[str, ...] = STAGE_MODULES) -> None:
@@ -133,7 +134,8 @@ class LocalPrefectServer:
         writes them a little later, one by one. Stopped before that, it cancels its recorder
         mid-write and the last task runs are missing or stay "Running" in its database. So: send
         them all, then wait (up to ``timeout``) until the task runs started since this server did
-        are all finished and their number held still over two polls ``settle`` seconds apart.
+        are all finished and their number is the same in three polls ``settle`` seconds apart.
+        A server that stops answering ends the wait: the flow's own outcome is what to report.
         """
         from prefect.events.worker import EventsWorker
 
@@ -141,7 +143,11 @@ class LocalPrefectServer:
         deadline = time.monotonic() + timeout
         seen: list[tuple[int, int]] = []
         while time.monotonic() < deadline:
-            seen.append((self._count_task_runs(), self._count_task_runs({"type": {"any_": ["PENDING", "RUNNING"]}})))
+            try:
+                seen.append((self._count_task_runs(),
+                             self._count_task_runs({"type": {"any_": ["PENDING", "RUNNING"]}})))
+            except (OSError, ValueError):
+                return
             if len(seen) >= 3 and len(set(seen[-3:])) == 1 and seen[-1][1] == 0:
                 return
             time.sleep(settle)

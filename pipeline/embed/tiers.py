@@ -496,9 +496,9 @@ def load_token_encoder(tier: str = "fp32", model: str | os.PathLike[str] | None 
     ``precision``: the fp32 tier's compute precision (:data:`pipeline.embed.sentence.PRECISIONS`;
     ``auto``: fp16 on a GPU, bf16 on a CPU with native bf16, else fp32); the derived tiers ignore it.
 
-    Every encoder has ``tier``, ``precision`` (resolved), ``dim``, ``digest`` (fp32: the fp32 weights digest; derived tiers:
-    a sha256 of the built files, which differ per tier and build recipe), ``max_tokens`` and
-    ``token_states``.
+    Every encoder has ``tier``, ``precision`` (resolved), ``dim``, ``digest`` (fp32: the fp32
+    weights digest; derived tiers: a sha256 of the built files, which differ per tier and build
+    recipe), ``max_tokens`` and ``token_states``.
     """
     if tier not in TIERS:
         raise ValueError(f"unknown embedding tier {tier!r}; choose one of: {', '.join(TIERS)}")
