@@ -24,3 +24,21 @@ def test_vectors_match_the_model_and_a_hit_loads_nothing(tmp_path, monkeypatch):
     np.testing.assert_allclose(text_vectors(tmp_path, texts[::-1]), first[::-1], atol=0)
     with pytest.raises(AssertionError, match="must not load"):
         text_vectors(tmp_path, ["a text never seen"])
+
+
+def test_a_new_catalog_finds_the_machines_vectors_and_loads_no_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("THRESHER_CACHE", str(tmp_path / "machine"))
+    texts = ["creative writing: poems and stories", "code debugging"]
+    first = text_vectors(tmp_path / "cat_a", texts)
+    machine = cache_path(tiers.cache_root())
+    assert machine.is_file() and str(machine).startswith(str(tmp_path / "machine"))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the machine's cache must be used before loading a model")
+
+    monkeypatch.setattr(tiers, "load_token_encoder", no_model)
+    np.testing.assert_allclose(text_vectors(tmp_path / "cat_b", texts[::-1]), first[::-1], atol=0)
+    assert cache_path(tmp_path / "cat_b").is_file()  # the catalog keeps its own copy
+    monkeypatch.setenv("THRESHER_CACHE", str(tmp_path / "other_machine"))
+    with pytest.raises(AssertionError, match="before loading"):
+        text_vectors(tmp_path / "cat_c", texts)
