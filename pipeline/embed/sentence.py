@@ -12,6 +12,8 @@ import importlib.util
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -153,20 +155,28 @@ def load_sentence_embedder(
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
-    from transformers.utils import logging as hf_logging
-
     resolved = resolve_model_path(name_or_path)
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a sub-second "Loading weights" bar amid the stage's own
     try:
-        return SentenceTransformer(resolved, device=pick_device(device))
+        with _no_loading_bar():
+            return SentenceTransformer(resolved, device=pick_device(device))
     except OSError as exc:
         raise OSError(
             f"Could not load sentence embedder {resolved!r} offline ({exc}). Pass a local model "
             "folder, or leave name_or_path unset to use the bundled all-MiniLM-L6-v2."
         ) from exc
+
+
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """Without transformers' sub-second "Loading weights" bar, which lands amid the stage's own."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
     finally:
-        if bar:
+        if shown:
             hf_logging.enable_progress_bar()
 
 
@@ -336,16 +346,10 @@ def load_span_model(name_or_path: str | os.PathLike[str] | None = None, device: 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a sub-second "Loading weights" bar amid the stage's own
-    try:
+    with _no_loading_bar():
         transformer = AutoModel.from_pretrained(str(body)).to(pick_device(device)).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(body))
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(str(body))
     return SpanModel(transformer, tokenizer, int(config.get("max_seq_length") or tokenizer.model_max_length),
                      int(pooling.get("word_embedding_dimension") or transformer.config.hidden_size), _st_prefix())
 
