@@ -373,19 +373,28 @@ def test_memory_filesystem_catalog(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ exports to object storage
 
 
-def test_publish_export_to_s3(bucket_url, tmp_path):
+def _curated(tmp_path: Path, rows: int, picked: int) -> Path:
+    """A local catalog with ``rows`` Q&A samples and the first ``picked`` of them curated as ``best``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.curate.materialise import export, materialise_instructions
-    from pipeline.io.storage import publish_export
+    from pipeline.curate.materialise import materialise_instructions
 
     cat = tmp_path / "cat"
-    run_ingest([str(_jsonl(tmp_path / "a.jsonl", _qa("a", 8)))], cat, "d")
+    run_ingest([str(_jsonl(tmp_path / "a.jsonl", _qa("a", rows)))], cat, "d")
     ids = pq.read_table(Catalog.at(cat).samples_partition("instruction", "d")).column("sample_id").to_pylist()
     picks = tmp_path / "picks.parquet"
-    pq.write_table(pa.table({"rank": list(range(5)), "sample_id": ids[:5], "gain": [1.0] * 5}), picks)
+    pq.write_table(pa.table({"rank": list(range(picked)), "sample_id": ids[:picked], "gain": [1.0] * picked}),
+                   picks)
     materialise_instructions(cat, "d", picks, "best")
+    return cat
+
+
+def test_publish_export_to_s3(bucket_url, tmp_path):
+    from pipeline.curate.materialise import export
+    from pipeline.io.storage import publish_export
+
+    cat = _curated(tmp_path, 8, 5)
     local = tmp_path / "export"
     manifest = export(cat, "best", "sharegpt", local)
     target = bucket_url.rsplit("/", 1)[0] + "/exports/best"
@@ -411,18 +420,9 @@ def test_publish_export_to_s3(bucket_url, tmp_path):
 
 
 def test_export_command_publishes_to_s3(bucket_url, tmp_path, capsys):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from pipeline.cli import main
-    from pipeline.curate.materialise import materialise_instructions
 
-    cat = tmp_path / "cat"
-    run_ingest([str(_jsonl(tmp_path / "a.jsonl", _qa("a", 6)))], cat, "d")
-    ids = pq.read_table(Catalog.at(cat).samples_partition("instruction", "d")).column("sample_id").to_pylist()
-    picks = tmp_path / "picks.parquet"
-    pq.write_table(pa.table({"rank": list(range(4)), "sample_id": ids[:4], "gain": [1.0] * 4}), picks)
-    materialise_instructions(cat, "d", picks, "best")
+    cat = _curated(tmp_path, 6, 4)
     target = bucket_url.rsplit("/", 1)[0] + "/exports/best"
     argv = ["export", "--catalog", str(cat), "--curated", "best", "--format", "openai", "--out", target]
     assert main(argv) == 0

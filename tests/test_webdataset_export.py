@@ -25,10 +25,9 @@ from pipeline.select.cabs_sampler import rank_share
 from pipeline.stages.ingest import run_ingest
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory, demo_data):
-    """The 21 dreambooth images ingested, their concept file, and a 2-step and a 5-step CABS plan of 10 a step."""
-    tmp = tmp_path_factory.mktemp("wds")
+def _dreambooth_with_concepts(tmp, demo_data):
+    """The 21 dreambooth images ingested into ``tmp/cat`` as dataset ``db``, and a concept file (the
+    caption's words) beside it; (catalog root, concept file, samples in sample-id order)."""
     root = tmp / "cat"
     run_ingest([str(demo_data / "image_text" / "dreambooth" / "images")], root, "db", kind="image_text",
                container="image_folder", options={"caption_from": "dirname"})
@@ -36,6 +35,14 @@ def catalog(tmp_path_factory, demo_data):
     src = tmp / "concepts.parquet"
     pq.write_table(pa.table({"sample_id": [s["sample_id"] for s in samples],
                              "concepts": [s["caption"].split() for s in samples]}), src)
+    return root, src, samples
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory, demo_data):
+    """The 21 dreambooth images ingested, their concept file, and a 2-step and a 5-step CABS plan of 10 a step."""
+    tmp = tmp_path_factory.mktemp("wds")
+    root, src, samples = _dreambooth_with_concepts(tmp, demo_data)
     plans = {}
     for steps in (2, 5):
         plans[steps] = tmp / f"plan{steps}.parquet"
@@ -91,13 +98,7 @@ def test_plan_to_webdataset_shards(tmp_path, catalog):
 
 
 def test_selection_in_the_catalog_to_webdataset_with_lineage(tmp_path, demo_data):
-    root = tmp_path / "cat"
-    run_ingest([str(demo_data / "image_text" / "dreambooth" / "images")], root, "db", kind="image_text",
-               container="image_folder", options={"caption_from": "dirname"})
-    samples = query.run_query(root, "SELECT sample_id, caption FROM image_samples ORDER BY sample_id").to_pylist()
-    src = tmp_path / "concepts.parquet"
-    pq.write_table(pa.table({"sample_id": [s["sample_id"] for s in samples],
-                             "concepts": [s["caption"].split() for s in samples]}), src)
+    root, src, _ = _dreambooth_with_concepts(tmp_path, demo_data)
     assert main(["select", "cabs", "--catalog", str(root), "--input", str(src), "--name", "plan2",
                  "--superbatch", "20", "--filter-ratio", "0.5", "--steps", "2"]) == 0
     report = json.loads((root / "selections" / "plan2" / "report.json").read_text())

@@ -58,6 +58,7 @@ def text_vectors(root: str | os.PathLike, texts: Sequence[str], model: str | Non
     known = _read(path)
     in_catalog = len(known)
     wanted = dict.fromkeys(texts)
+    from_machine: dict[str, np.ndarray] = {}
     if machine != path and any(t not in known for t in wanted):
         from_machine = _read(machine)
         known.update((t, from_machine[t]) for t in wanted if t not in known and t in from_machine)
@@ -70,7 +71,7 @@ def text_vectors(root: str | os.PathLike, texts: Sequence[str], model: str | Non
         # precision, and entries should not depend on which machine wrote them first.
         known.update(zip(missing, encode_texts(load_token_encoder(tier, model, device, precision="fp32"), missing)))
         if machine != path:
-            _write({**_read(machine), **{t: known[t] for t in missing}}, machine)
+            _write({**from_machine, **{t: known[t] for t in missing}}, machine)
     if len(known) > in_catalog:
         _write(known, path)
     if not texts:
